@@ -8,3 +8,65 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import os as _os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A digits run small enough for tests: one block, a few steps, no sampling.
+TINY_OVERRIDES = {
+  "total_steps": 4,
+  "batch_size": 8,
+  "log_every": 1,
+  "ckpt_every": 2,
+  "sample_every": 0,
+  "progress_bar": False,
+  "optim.warmup_steps": 0,
+  "model.hidden_size": 32,
+  "model.depth": 1,
+  "model.num_heads": 2,
+  "sample.num": 0,
+  "sample.steps": 5,
+}
+
+
+def tiny_config(**overrides):
+  """configs/digits.py with TINY_OVERRIDES and `overrides` ("a.b" keys as a__b)."""
+  from dit.cli import load_config
+
+  config = load_config(str(ROOT / "configs/digits.py"))
+  for key, value in {
+    **TINY_OVERRIDES,
+    **{k.replace("__", "."): v for k, v in overrides.items()},
+  }.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_cli(module, *args, devices=1, timeout=300, **overrides):
+  """Runs `python -m module args --config.k=v ...` with `devices` forced CPU devices."""
+  flags = [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, **overrides}.items()]
+  env = dict(_os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return subprocess.run(
+    [sys.executable, "-m", module, *args, *flags],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

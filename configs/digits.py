@@ -1,0 +1,77 @@
+"""The default demo: a small class-conditional DiT on scikit-learn's 8x8 digits.
+
+Images are upsampled to 16x16x1, so with patch size 2 the DiT sees 64 tokens. Trains
+on 2 CPU cores in a few minutes and reaches >= 90% conditional accuracy (eval.json).
+
+  python -m dit.train --config=configs/digits.py --workdir=runs/digits
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 4000
+  c.batch_size = 128  # Global batch, split over all devices.
+  c.grad_accum_steps = 1  # Micro-batches per step (lax.scan), each batch_size / steps.
+  c.parallelism = "pmap"  # "pmap" (data parallel) | "mesh" (jit over a device mesh).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.distributed = False  # jax.distributed.initialize() from the environment (multi-host).
+
+  c.log_every = 100
+  c.ckpt_every = 1000
+  c.keep_ckpts = 3
+  c.sample_every = 2000  # Writes samples/step_XXXXXX.png; 0 disables.
+  c.max_bad_steps = 20  # Stop after this many consecutive non-finite steps.
+  c.progress_bar = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"
+  c.data.resolution = 16
+  c.data.channels = 1
+  c.data.num_classes = 10
+
+  c.model = ml_collections.ConfigDict()
+  c.model.input_size = 16
+  c.model.patch_size = 2
+  c.model.in_channels = 1
+  c.model.hidden_size = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4.0
+  c.model.num_classes = 10
+  c.model.class_dropout_prob = 0.1
+  c.model.learn_sigma = False
+  c.model.adaln = "zero"
+  c.model.dtype = "float32"
+  c.model.remat = False
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "linear"
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.beta_start = 1e-4
+  c.diffusion.beta_end = 0.02
+  c.diffusion.prediction = "eps"
+  c.diffusion.weighting = "uniform"
+  c.diffusion.min_snr_gamma = 5.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.schedule = "cosine"  # "constant" | "cosine", after linear warmup.
+  c.optim.warmup_steps = 200
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
+  c.optim.ema_decay = 0.999
+  c.optim.ema_warmup = True  # decay_t = min(decay, (1 + t) / (10 + t)).
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ddim"
+  c.sample.steps = 50
+  c.sample.cfg_scale = 4.0
+  c.sample.eta = 0.0
+  c.sample.num = 100  # The grid: one row per class.
+  c.sample.use_ema = True
+  return c
