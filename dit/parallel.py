@@ -58,17 +58,20 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
   shape = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}.")
+    raise ValueError(
+      f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}."
+    )
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if devices.size % known:
       raise ValueError(
-        f"Mesh {dict(zip(MESH_AXES, shape))} does not divide the {devices.size} devices."
+        f"Mesh {dict(zip(MESH_AXES, shape, strict=True))} does not divide the "
+        f"{devices.size} devices."
       )
     shape[shape.index(-1)] = devices.size // known
   if int(np.prod(shape)) != devices.size or min(shape) < 1:
     raise ValueError(
-      f"Mesh shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+      f"Mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs {int(np.prod(shape))} devices, "
       f"but {devices.size} are available."
     )
   return Mesh(devices.reshape(shape), MESH_AXES)

@@ -1,0 +1,1 @@
+"""Diffusion core: schedules, losses, samplers, guidance, editing (pure JAX functions)."""
