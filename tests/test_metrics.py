@@ -1,0 +1,199 @@
+"""Frechet distance, Inception Score, precision/recall, stats files, the digits metric."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+from PIL import Image
+
+from dit import fid_stats, metrics
+
+
+def _random_stats(rng, d, n):
+  x = rng.randn(n, d) @ rng.randn(d, d) * 0.3 + rng.randn(d)
+  return x.mean(0), np.cov(x, rowvar=False)
+
+
+def _pytorch_fid_formula(mu1, s1, mu2, s2):
+  """Independent reference: pytorch-fid's calculate_frechet_distance (scipy sqrtm)."""
+  covmean, _ = scipy.linalg.sqrtm(s1.dot(s2), disp=False)
+  if not np.isfinite(covmean).all():
+    offset = np.eye(s1.shape[0]) * 1e-6
+    covmean = scipy.linalg.sqrtm((s1 + offset).dot(s2 + offset))
+  covmean = covmean.real
+  diff = mu1 - mu2
+  return diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+@pytest.mark.parametrize("d", [8, 64, 128])
+def test_frechet_distance_matches_scipy_sqrtm(d):
+  rng = np.random.RandomState(d)
+  a, b = _random_stats(rng, d, 4 * d), _random_stats(rng, d, 4 * d)
+  got = metrics.frechet_distance(*a, *b)
+  np.testing.assert_allclose(got, _pytorch_fid_formula(*a, *b), rtol=1e-6)
+  np.testing.assert_allclose(metrics.frechet_distance(*b, *a), got, rtol=1e-6)  # Symmetric.
+
+
+def test_frechet_distance_closed_form_for_commuting_covariances():
+  # Diagonal covariances: FD = |mu1-mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2, also rank-deficient.
+  a, b = np.array([1.0, 4.0, 0.0, 2.0]), np.array([9.0, 1.0, 3.0, 0.0])
+  mu1, mu2 = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
+  want = 5.0 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  np.testing.assert_allclose(
+    metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want, rtol=1e-12
+  )
+
+
+def test_feature_statistics_and_singular_warning():
+  x = np.random.RandomState(0).randn(50, 5)
+  mu, sigma = metrics.feature_statistics(x)
+  np.testing.assert_allclose(mu, x.mean(0))
+  np.testing.assert_allclose(sigma, np.cov(x.T, ddof=1))
+  with pytest.warns(metrics.SingularCovarianceWarning, match="10 samples for 16-d"):
+    metrics.feature_statistics(np.random.RandomState(0).randn(10, 16))
+  with pytest.raises(ValueError, match="NaN"):
+    metrics.feature_statistics(np.full((4, 2), np.nan))
+  with pytest.raises(ValueError, match="at least 2 samples"):
+    metrics.feature_statistics(np.zeros((1, 2)))
+
+
+def test_frechet_distance_bad_stats():
+  mu, sigma = np.zeros(4), np.eye(4)
+  with pytest.raises(ValueError, match="feature dimensions differ: 4 vs 3"):
+    metrics.frechet_distance(mu, sigma, np.zeros(3), np.eye(3))
+  with pytest.raises(ValueError, match=r"sigma \(D, D\)"):
+    metrics.frechet_distance(mu, np.eye(3), mu, sigma)
+  with pytest.raises(ValueError, match="NaN"):
+    metrics.frechet_distance(mu, sigma, mu * np.nan, sigma)
+
+
+def test_inception_score_closed_forms():
+  # Uniform predictions: p(y|x) = p(y) -> IS = 1. Confident and balanced over K -> IS = K.
+  np.testing.assert_allclose(metrics.inception_score(np.zeros((20, 7)), splits=2), (1.0, 0.0))
+  logits = np.tile(np.eye(5) * 100.0, (4, 1))
+  mean, std = metrics.inception_score(logits, splits=1)
+  np.testing.assert_allclose(mean, 5.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="splits"):
+    metrics.inception_score(logits, splits=21)
+
+
+def _brute_force_pr(real, fake, k):
+  def radius(x, i):
+    return np.sort(np.linalg.norm(x - x[i], axis=1))[k]
+
+  def covered(manifold, queries):
+    r = np.array([radius(manifold, i) for i in range(len(manifold))])
+    return np.mean([np.any(np.linalg.norm(manifold - q, axis=1) <= r) for q in queries])
+
+  return covered(real, fake), covered(fake, real)
+
+
+def test_precision_recall():
+  real = np.array([[0.0], [1.0], [2.0], [3.0]])
+  fake = np.array([[0.5], [3.9], [10.0]])
+  # k=1 radii: real all 1 -> 0.5 and 3.9 covered, 10 not; fake radii 3.4, 3.4, 6.1 cover all.
+  np.testing.assert_allclose(metrics.precision_recall(real, fake, k=1), (2 / 3, 1.0))
+  rng = np.random.RandomState(0)
+  real, fake = rng.randn(60, 5), rng.randn(50, 5) * 1.5 + 0.5
+  got = metrics.precision_recall(real, fake, k=3, chunk=16)
+  np.testing.assert_allclose(got, _brute_force_pr(real, fake, 3))
+  assert metrics.precision_recall(real, real) == (1.0, 1.0)
+  assert metrics.precision_recall(real, real + 100.0) == (0.0, 0.0)
+  with pytest.raises(ValueError, match="feature dimensions differ"):
+    metrics.precision_recall(real, fake[:, :3])
+
+
+def test_stats_files(tmp_path):
+  rng = np.random.RandomState(0)
+  mu, sigma = _random_stats(rng, 6, 30)
+  path = str(tmp_path / "ref.npz")
+  fid_stats.save_stats(path, mu, sigma)
+  got = fid_stats.load_stats(path, dim=6)
+  np.testing.assert_array_equal(got[0], mu)
+  np.testing.assert_array_equal(got[1], sigma)
+  with pytest.raises(ValueError, match="holds 6-d statistics, expected 2048-d"):
+    fid_stats.load_stats(path, dim=2048)
+  with pytest.raises(FileNotFoundError):
+    fid_stats.load_stats(str(tmp_path / "nope.npz"))
+  # An ADM-style reference batch: arr_0 uint8 images plus mu/sigma (and spatial stats).
+  images = rng.randint(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+  adm = str(tmp_path / "adm.npz")
+  np.savez(adm, arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:2], sigma_s=sigma[:2, :2])
+  np.testing.assert_array_equal(fid_stats.load_reference_stats(adm)[1], sigma)
+  np.testing.assert_array_equal(fid_stats.load_images(adm, max_images=5), images[:5])
+  # Images only: statistics are computed with the given feature function.
+  only = str(tmp_path / "images.npz")
+  np.savez(only, arr_0=images)
+  with pytest.raises(ValueError, match="arr_0"):
+    fid_stats.load_stats(only)
+  feature_fn = lambda x: x.reshape(len(x), -1)[:, :4]
+  want = metrics.feature_statistics(images.reshape(12, -1)[:, :4] / 127.5 - 1.0)
+  got = fid_stats.load_reference_stats(only, feature_fn)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-7)  # float32 images.
+  np.testing.assert_allclose(got[1], want[1], atol=1e-7)
+  np.savez(only, arr_0=images.astype(np.float32))
+  with pytest.raises(ValueError, match="must be uint8"):
+    fid_stats.load_images(only)
+
+
+def test_load_images_folder_errors(tmp_path):
+  with pytest.raises(ValueError, match="No image files"):
+    fid_stats.load_images(str(tmp_path))
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+  Image.fromarray(np.zeros((8, 9), np.uint8)).save(tmp_path / "b.png")  # Grey -> RGB.
+  with pytest.raises(ValueError, match="same size"):
+    fid_stats.load_images(str(tmp_path))
+
+
+# --- The digits demo's metric ------------------------------------------------------------
+
+
+def _upsample(images, r):
+  """(N, 8, 8, 1) in [-1, 1] -> (N, r, r, 1), bilinear as the digits input pipeline."""
+  x = (images[..., 0] + 1.0) / 2.0
+  up = [np.asarray(Image.fromarray(im, mode="F").resize((r, r), Image.BILINEAR)) for im in x]
+  return (np.stack(up) * 2.0 - 1.0)[..., None]
+
+
+def test_digits_classifier_is_accurate_on_held_out_digits():
+  images, labels = metrics.digits_held_out()
+  assert len(labels) == 360 and images.shape[1:] == (8, 8, 1)
+  # The grey levels round-trip exactly at 8x8 and through block means at 2x, 4x nearest.
+  assert np.array_equal(
+    np.round(metrics.digits_to_grey_levels(images)), metrics.digits_to_grey_levels(images)
+  )
+  big = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)
+  np.testing.assert_allclose(
+    metrics.digits_to_grey_levels(big), metrics.digits_to_grey_levels(images), atol=1e-12
+  )
+  assert metrics.digits_classifier_accuracy(images, labels) >= 0.95
+  for r in (16, 12):  # Bilinear upsampling as the data pipeline does, at r = 16 and not 8k.
+    assert metrics.digits_classifier_accuracy(_upsample(images, r), labels) >= 0.93
+  assert metrics.digits_classifier_accuracy(images, (labels + 1) % 10) < 0.1
+
+
+def test_digits_fid_is_zero_on_itself_and_grows_with_noise():
+  images = _upsample(metrics.digits_held_out()[0], 16)
+  feature_fn = metrics.digits_feature_fn()
+  feats = feature_fn(images)
+  assert feats.shape == (360, 64)
+  scale = np.trace(np.cov(feats, rowvar=False))  # ~300: FID is ~0 relative to this.
+  assert abs(metrics.fid_from_features(feats, feats)) < 1e-7 * scale
+  rng = np.random.RandomState(0)
+  noise = rng.randn(*images.shape)
+  fids = [
+    metrics.fid_from_features(feats, feature_fn(np.clip(images + s * noise, -1, 1)))
+    for s in (0.05, 0.1, 0.2, 0.4, 0.8)
+  ]
+  assert fids[0] > 0 and all(np.diff(fids) > 0), fids
+
+
+def test_digits_bad_input():
+  images, labels = metrics.digits_held_out()
+  with pytest.raises(ValueError, match="360 samples but 10 labels"):
+    metrics.digits_classifier_accuracy(images, labels[:10])
+  bad = images.copy()
+  bad[0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    metrics.digits_feature_fn()(bad)
+  with pytest.raises(ValueError, match=r"\(N, H, W, 1\)"):
+    metrics.digits_classifier_accuracy(np.repeat(images, 3, axis=-1), labels)
