@@ -1,0 +1,301 @@
+"""The training input pipeline: one entry point, `make_train_iterator`.
+
+Built on Grain's `MapDataset` over random-access sources (digits in memory,
+`tfds.data_source`, image folders, precomputed latent shards):
+
+  range(N).shuffle(seed).repeat()      stream of record indices, reshuffled per epoch
+    .batch(G / P)                      sub-batch j = stream rows [j*G/P, (j+1)*G/P)
+    .map_with_index(load_batch)        read + decode + preprocess; flips of global batch k
+                                       drawn from (seed, k) for all G rows
+    [p::P]                             process p reads sub-batches j = k*P + p only
+    .to_iter_dataset(ReadOptions)      threaded prefetch, checkpointable state
+
+So processes read disjoint records, the global batch (rows and flips) does not depend
+on the process count, and the state (the next batch index) restores the exact next
+batch. Sources with `read_batch(indices, flips)` (in-memory digits, memory-mapped
+latents) are gathered with one vectorised read per batch.
+"""
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from dit.data import digits, preprocess
+
+Batch = dict[str, np.ndarray]
+
+
+def collate(records: Sequence[dict]) -> Batch:
+  """Stacks record dicts into a batch; str values become a str array.
+
+  "label" and "text_mask" become int32; "image", "latent" and "text" float32.
+  """
+  batch = {}
+  for key in records[0]:
+    values = [r[key] for r in records]
+    if isinstance(values[0], str):
+      batch[key] = np.array(values, dtype=str)
+    else:
+      batch[key] = np.stack([np.asarray(v) for v in values])
+  return collate_arrays(batch)
+
+
+def collate_arrays(batch: Batch) -> Batch:
+  """Casts "label", "text_mask" to int32 and "image", "latent", "text" to float32."""
+  for key in ("label", "text_mask"):
+    if key in batch:
+      batch[key] = np.asarray(batch[key]).astype(np.int32, copy=False)
+  for key in ("image", "latent", "text"):
+    if key in batch:
+      batch[key] = np.asarray(batch[key]).astype(np.float32, copy=False)
+  return batch
+
+
+class Loader:
+  """Record index + flip bit -> training example: decode, preprocess, flip; skips bad files.
+
+  Args:
+    source: random-access source; records hold "image" (float array in [-1, 1] already
+      at resolution, or uint8 array / encoded bytes / path to decode), or "latent"
+      (2, h, w, c): [unflipped, flipped].
+    resolution, channels: output image size for decoded images.
+    random_flip: flip with probability 1/2.
+    on_bad_image: "skip" (use the next readable record; counted and logged) or "raise".
+  """
+
+  def __init__(
+    self,
+    source: Any,
+    *,
+    resolution: int,
+    channels: int,
+    random_flip: bool,
+    on_bad_image: str = "skip",
+  ):
+    if on_bad_image not in ("skip", "raise"):
+      raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+    self.source = source
+    self.resolution = resolution
+    self.channels = channels
+    self.random_flip = random_flip
+    self.on_bad_image = on_bad_image
+    self.bad_indices = set()  # Unreadable records seen (prefetching may read ahead).
+    self._lock = threading.Lock()
+
+  def example(self, record: dict, flip: bool) -> dict:
+    out = dict(record)
+    if "latent" in record:
+      out["latent"] = record["latent"][int(flip)]
+      return out
+    image = record["image"]
+    if isinstance(image, np.ndarray) and image.dtype == np.float32:
+      # Already preprocessed in [-1, 1] (digits): only channels and flip.
+      if image.shape[-1] != self.channels:
+        image = np.repeat(image.mean(-1, keepdims=True), self.channels, axis=-1)
+      out["image"] = image[:, ::-1] if flip else image
+      return out
+    if not isinstance(image, np.ndarray):
+      image = preprocess.open_image(image)
+    out["image"] = preprocess.preprocess(image, self.resolution, self.channels, flip)
+    return out
+
+  def __call__(self, index: int, flip: bool = False) -> dict:
+    """One example: record `index` (or the next readable one), flipped if `flip`."""
+    n = len(self.source)
+    for attempt in range(min(n, 100)):
+      i = (int(index) + attempt) % n
+      try:
+        return self.example(self.source[i], flip)
+      except preprocess.DECODE_ERRORS as e:
+        what = self.source.paths[i] if hasattr(self.source, "paths") else f"record {i}"
+        if self.on_bad_image == "raise":
+          raise ValueError(
+            f"cannot decode image {what} of {self.source!r}: {e}; set "
+            "config.data.on_bad_image='skip' to skip unreadable files"
+          ) from e
+        with self._lock:
+          new = i not in self.bad_indices
+          self.bad_indices.add(i)
+        if new:
+          logging.warning("skipping unreadable image %s (%s: %s)", what, type(e).__name__, e)
+    raise ValueError(f"{self.source!r}: 100 consecutive records are unreadable, from {index}")
+
+  def load_batch(self, indices: np.ndarray, flips: np.ndarray) -> Batch:
+    """Records `indices` (B,) -> batch, row i flipped where `flips[i]`."""
+    if not hasattr(self.source, "read_batch"):
+      return collate([self(i, f) for i, f in zip(indices, flips, strict=True)])
+    batch = dict(self.source.read_batch(indices, flips))
+    if "image" in batch and batch["image"].shape[-1] != self.channels:
+      image = batch["image"]
+      batch["image"] = np.repeat(image.mean(-1, keepdims=True), self.channels, axis=-1)
+    return collate_arrays(batch)
+
+
+class TrainIterator(Iterator[Batch]):
+  """Infinite, checkpointable iterator over this process's rows of each global batch."""
+
+  def __init__(
+    self,
+    loader: Loader,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 0,
+    prefetch: int | None = None,
+  ):
+    n = len(loader.source)
+    if n == 0:
+      raise ValueError(f"data source {loader.source!r} is empty")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(
+        f"global_batch_size={global_batch_size} must be positive and divisible by "
+        f"process_count={process_count}"
+      )
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if not 0 <= seed < 2**32:
+      raise ValueError(f"data seed must be in [0, 2**32), got {seed}")
+    self.loader = loader
+    self.num_records = n
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.seed = int(seed)
+    self.process_index = process_index
+    self.process_count = process_count
+    ds = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(None)
+    ds = ds.batch(self.local_batch_size, batch_fn=np.asarray)
+    ds = ds.map_with_index(self._load)[process_index::process_count]
+    self.dataset = ds  # dataset[k]: this process's rows of global batch k.
+    prefetch = max(4, num_threads) if prefetch is None else prefetch
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    self._it = iter(ds.to_iter_dataset(read))
+
+  def _load(self, sub_batch: int, indices: np.ndarray) -> Batch:
+    step, part = divmod(sub_batch, self.process_count)
+    flips = np.zeros(len(indices), bool)
+    if self.loader.random_flip:
+      # Drawn for the whole global batch, so they do not depend on the process count.
+      every = np.random.default_rng([self.seed, 1, step]).random(self.global_batch_size) < 0.5
+      flips = every[part * self.local_batch_size : (part + 1) * self.local_batch_size]
+    return self.loader.load_batch(indices, flips)
+
+  @property
+  def num_bad_images(self) -> int:
+    """Distinct unreadable images found so far (on_bad_image="skip"), read-ahead included."""
+    return len(self.loader.bad_indices)
+
+  def __next__(self) -> Batch:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    """JSON-serialisable state; `set_state` of it resumes at the exact next batch."""
+    return {
+      "step": int(self._it.get_state()["next_index"]),
+      "seed": self.seed,
+      "global_batch_size": self.global_batch_size,
+      "num_records": self.num_records,
+    }
+
+  def set_state(self, state: dict) -> None:
+    for key in ("seed", "global_batch_size", "num_records"):
+      if key in state and state[key] != getattr(self, key):
+        raise ValueError(
+          f"iterator state has {key}={state[key]!r} but this pipeline has "
+          f"{key}={getattr(self, key)!r}; cannot resume a different data stream"
+        )
+    step = int(state["step"])
+    if step < 0:
+      raise ValueError(f"iterator state step must be >= 0, got {step}")
+    self._it.set_state({"next_index": step})
+
+  def close(self) -> None:
+    self._it.close()
+
+
+def make_source(data_config: Any) -> Any:
+  """The random-access source named by `config.data.name`."""
+  get = data_config.get
+  name = get("name", "digits")
+  if name == "digits":
+    return digits.DigitsSource(get("resolution", 16), captions=get("captions", False))
+  if name.startswith("tfds:"):
+    from dit.data import tfds  # Lazy: TFDS import is slow and an optional extra.
+
+    return tfds.TfdsSource(
+      name.removeprefix("tfds:"),
+      split=get("split", "train"),
+      data_dir=get("data_dir", None),
+      image_key=get("image_key", "image"),
+      label_key=get("label_key", "label"),
+      caption_key=get("caption_key", None),
+    )
+  if name in ("folder", "captions", "precomputed"):
+    path = get("path", None)
+    if not path:
+      raise ValueError(f"config.data.name={name!r} needs config.data.path")
+    if name == "folder":
+      from dit.data.folders import ImageFolderSource
+
+      return ImageFolderSource(path)
+    if name == "captions":
+      from dit.data.folders import CaptionFolderSource
+
+      return CaptionFolderSource(path, missing_caption=get("missing_caption", "raise"))
+    from dit.data.precompute import PrecomputedSource
+
+    return PrecomputedSource(path)
+  raise ValueError(
+    f"unknown config.data.name={name!r}; expected 'digits', 'tfds:<name>', 'folder', "
+    "'captions' or 'precomputed'"
+  )
+
+
+def make_train_iterator(
+  data_config: Any,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> TrainIterator:
+  """Builds the infinite training iterator for `data_config` on this process.
+
+  Args:
+    data_config: `config.data` (ConfigDict or dict); fields are read with defaults,
+      see docs in README / `make_source`.
+    global_batch_size: rows per step summed over processes.
+    seed: data order and augmentation seed, in [0, 2**32).
+    process_index, process_count: this host's slot, e.g. `jax.process_index()`.
+
+  Returns:
+    TrainIterator yielding {"image": (B_local, R, R, C) float32 in [-1, 1] (or
+    "latent": (B_local, h, w, c) float32), "label": (B_local,) int32, optionally
+    "caption": (B_local,) str, "text": (B_local, L, D) float32, "text_mask": (B_local, L) int32}.
+  """
+  get = data_config.get
+  name = get("name", "digits")
+  is_digits = name == "digits"
+  source = make_source(data_config)
+  loader = Loader(
+    source,
+    resolution=get("resolution", 16 if is_digits else 256),
+    channels=get("channels", 1 if is_digits else 3),
+    random_flip=get("random_flip", not is_digits),
+    on_bad_image=get("on_bad_image", "skip"),
+  )
+  in_memory = is_digits or name == "precomputed"
+  return TrainIterator(
+    loader,
+    global_batch_size=global_batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_threads=get("num_threads", 0 if in_memory else 8),
+    prefetch=get("prefetch", None),
+  )

@@ -1,0 +1,216 @@
+"""Precompute (VAE latents of both flips + text embeddings) and the precomputed source."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dit.data import make_train_iterator
+from dit.data.digits import DigitsSource
+from dit.data.precompute import PrecomputedSource, precompute
+
+
+class Subset:
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+
+def encode_images(images, key):
+  """A stand-in VAE: 4x4 mean pooling (3 channels) + a key-dependent "posterior noise" channel."""
+  b, h, w, c = images.shape
+  pooled = images.reshape(b, h // 4, 4, w // 4, 4, c).mean((2, 4))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+  noise = rng.normal(size=(b, h // 4, w // 4, 1)) * 1e-3
+  return np.concatenate([pooled, noise], axis=-1)
+
+
+def encode_text(captions):
+  """A stand-in T5: L=6 tokens (one per word, padded), D=3 features."""
+  emb = np.zeros((len(captions), 6, 3), np.float32)
+  mask = np.zeros((len(captions), 6), np.int32)
+  for i, caption in enumerate(captions):
+    words = caption.split()[:6]
+    mask[i, : len(words)] = 1
+    emb[i, : len(words), 0] = [len(w) for w in words]
+  return emb, mask
+
+
+def run(out, n=50, **kw):
+  source = Subset(DigitsSource(16, captions=True), n)
+  kw = dict(resolution=16, channels=3, batch_size=8, shard_size=16, **kw)
+  return precompute(source, str(out), encode_images=encode_images, encode_text=encode_text, **kw)
+
+
+def test_precompute_writes_both_flips_labels_and_text(tmp_path):
+  meta = run(tmp_path)
+  assert meta["num_records"] == 50 and meta["num_shards"] == 4
+  assert meta["shapes"] == {"latent": [2, 4, 4, 4], "label": [], "text": [6, 3], "text_mask": [6]}
+  src = PrecomputedSource(str(tmp_path))
+  digits = DigitsSource(16, captions=True)
+  for i in (0, 17, 49):
+    rec = src[i]
+    image = np.repeat(digits[i]["image"], 3, axis=-1)[None]
+    want = encode_images(np.concatenate([image, image[:, :, ::-1]]), jax.random.key(0))
+    np.testing.assert_allclose(rec["latent"][0, ..., :3], want[0, ..., :3], atol=1e-6)
+    np.testing.assert_allclose(rec["latent"][1, ..., :3], want[1, ..., :3], atol=1e-6)
+    assert rec["label"] == digits[i]["label"]
+    emb, mask = encode_text([digits[i]["caption"]])
+    np.testing.assert_array_equal(rec["text"], emb[0])
+    np.testing.assert_array_equal(rec["text_mask"], mask[0])
+
+
+def test_precompute_independent_of_process_count_and_resumes(tmp_path):
+  run(tmp_path / "one")
+  for p in (1, 0):  # Two "processes", in any order, into one directory.
+    run(tmp_path / "two", process_index=p, process_count=2)
+  names = sorted(os.listdir(tmp_path / "one"))
+  assert names == sorted(os.listdir(tmp_path / "two"))
+  for name in names:
+    if name.endswith(".npy"):
+      np.testing.assert_array_equal(
+        np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
+      )
+  # A killed run: a shard is missing; re-running writes only that one, identically.
+  shard = tmp_path / "one" / "latent-00002-of-00004.npy"
+  want = np.load(shard)
+  os.remove(shard)
+  os.remove(tmp_path / "one" / "label-00002-of-00004.npy")
+  mtime = os.path.getmtime(tmp_path / "one" / "latent-00001-of-00004.npy")
+  run(tmp_path / "one")
+  np.testing.assert_array_equal(np.load(shard), want)
+  assert os.path.getmtime(tmp_path / "one" / "latent-00001-of-00004.npy") == mtime
+
+
+def test_train_iterator_on_precomputed_latents(tmp_path):
+  run(tmp_path, dtype="float16")
+  cfg = {"name": "precomputed", "path": str(tmp_path)}
+  src = PrecomputedSource(str(tmp_path))
+  it = make_train_iterator(cfg, global_batch_size=10, seed=0)
+  flips = set()
+  for _ in range(5):  # One epoch.
+    batch = next(it)
+    assert batch["latent"].shape == (10, 4, 4, 4) and batch["latent"].dtype == np.float32
+    assert batch["text"].shape == (10, 6, 3) and batch["text"].dtype == np.float32
+    assert batch["text_mask"].dtype == np.int32 and batch["label"].dtype == np.int32
+    for latent, label, mask in zip(
+      batch["latent"], batch["label"], batch["text_mask"], strict=True
+    ):
+      # Find the record: each row is one of its two stored flips.
+      hits = [
+        (i, f)
+        for i in range(len(src))
+        for f in (0, 1)
+        if np.array_equal(src[i]["latent"][f], latent)
+      ]
+      assert hits and src[hits[0][0]]["label"] == label
+      assert mask.sum() == 4  # "a handwritten digit <name>".
+      flips.add(hits[0][1])
+  assert flips == {0, 1}
+  two = [
+    make_train_iterator(cfg, global_batch_size=10, seed=0, process_index=p, process_count=2)
+    for p in (0, 1)
+  ]
+  full = make_train_iterator(cfg, global_batch_size=10, seed=0)
+  want, got = next(full), [next(t) for t in two]
+  np.testing.assert_array_equal(np.concatenate([g["latent"] for g in got]), want["latent"])
+
+
+def test_precomputed_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="python -m dit.data.precompute"):
+    PrecomputedSource(str(tmp_path))
+  run(tmp_path / "p", process_index=0, process_count=2)  # Half the shards only.
+  with pytest.raises(FileNotFoundError, match="lacks 2 of 4 latent shards"):
+    PrecomputedSource(str(tmp_path / "p"))
+  with pytest.raises(ValueError, match="dtype"):
+    run(tmp_path / "q", dtype="int8")
+
+
+def test_identity_vae_and_demo_t5_encoders(tmp_path):
+  from dit.data.precompute import load_encoders
+
+  encode_images, encode_text = load_encoders("identity", "demo", text_len=32)
+  source = Subset(DigitsSource(16, captions=True), 6)
+  precompute(
+    source,
+    str(tmp_path),
+    encode_images=encode_images,
+    encode_text=encode_text,
+    resolution=16,
+    channels=1,
+    batch_size=4,
+    shard_size=8,
+  )
+  src = PrecomputedSource(str(tmp_path))
+  rec = src[5]
+  np.testing.assert_array_equal(rec["latent"][0], source[5]["image"])
+  np.testing.assert_array_equal(rec["latent"][1], source[5]["image"][:, ::-1])
+  assert rec["text"].shape == (32, 64) and rec["text_mask"].shape == (32,)
+  emb, mask = encode_text([source[5]["caption"]])
+  np.testing.assert_allclose(rec["text"], emb[0], atol=1e-6)
+  np.testing.assert_array_equal(rec["text_mask"], mask[0])
+  assert 0 < mask.sum() < 32  # Byte tokens of "a handwritten digit five" + EOS.
+
+
+@pytest.mark.slow
+def test_real_vae_encoder_matches_diffusers_posterior(tmp_path):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from dit.data.precompute import load_encoders
+
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=16,
+    scaling_factor=0.5,
+  ).eval()
+  vae.save_pretrained(tmp_path / "vae")
+  encode_images, _ = load_encoders(str(tmp_path / "vae"))
+  source = Subset(DigitsSource(16), 3)
+  precompute(
+    source, str(tmp_path / "out"), encode_images=encode_images, resolution=16, batch_size=3
+  )
+  latents = PrecomputedSource(str(tmp_path / "out")).read_batch(np.arange(3), np.zeros(3))["latent"]
+  images = np.repeat(np.stack([source[i]["image"] for i in range(3)]), 3, axis=-1)
+  with torch.no_grad():
+    dist = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
+  mean = dist.mean.permute(0, 2, 3, 1).numpy() * 0.5
+  std = dist.std.permute(0, 2, 3, 1).numpy() * 0.5
+  assert latents.shape == mean.shape == (3, 8, 8, 4)
+  # A posterior sample with the scale applied: z = (mean + std * noise) * scale.
+  noise = (latents - mean) / std
+  assert np.abs(noise).max() < 6 and 0.5 < noise.std() < 1.5
+
+
+@pytest.mark.slow
+def test_precompute_command_line(tmp_path):
+  config = tmp_path / "cfg.py"
+  config.write_text(
+    "import ml_collections\n"
+    "def get_config():\n"
+    "  c = ml_collections.ConfigDict()\n"
+    "  c.data = ml_collections.ConfigDict(dict(name='digits', resolution=8, captions=True))\n"
+    "  return c\n"
+  )
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "dit.data.precompute", f"--config={config}", f"--out={out}"]
+  cmd += ["--vae=identity", "--t5=demo", "--text_len=32", "--shard_size=1000", "--batch_size=512"]
+  subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+  src = PrecomputedSource(str(out))
+  assert len(src) == 1797 and src.fields == ["latent", "label", "text", "text_mask"]
+  batch = next(
+    make_train_iterator({"name": "precomputed", "path": str(out)}, global_batch_size=8, seed=0)
+  )
+  assert batch["latent"].shape == (8, 8, 8, 3) and batch["text"].shape == (8, 32, 64)
