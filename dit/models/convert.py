@@ -1,0 +1,389 @@
+"""Public PyTorch DiT / PixArt checkpoints -> Flax params for dit.models.dit.DiT.
+
+Three layouts:
+  convert_dit_checkpoint(path)    the official DiT release (`DiT-XL-2-256x256.pt`, or the same
+                                  state dict saved as .safetensors): blocks.{i}.attn.qkv, ...
+  convert_diffusers_dit(dir)      diffusers' DiTTransformer2DModel (facebook/DiT-XL-2-256).
+  convert_pixart(dir)             diffusers' PixArtTransformer2DModel (PixArt-alpha / sigma).
+Each returns (params, model_kwargs): `DiT(**model_kwargs).apply({"params": params}, ...)`
+reproduces the PyTorch model. Every tensor is checked by name and shape first; a mismatch
+raises a ValueError listing the missing, unexpected and mis-shaped keys.
+
+Mapping (torch Linear weight (out, in) -> Flax kernel (in, out), i.e. transposed):
+  x_embedder.proj / pos_embed.proj (D, C, p, p) conv  -> x_embedder/kernel (p*p*C, D)
+  t_embedder.mlp.{0,2} / *.timestep_embedder.linear_{1,2} -> t_embedder/mlp_{0,2}
+  y_embedder.embedding_table / *.class_embedder.embedding_table -> y_embedder/embedding
+  blocks.{i}.attn.qkv  or attn1.to_{q,k,v} (concatenated)   -> blocks_{i}/attn/qkv
+  blocks.{i}.attn.proj or attn1.to_out.0                    -> blocks_{i}/attn/proj
+  attn2.to_q / attn2.to_{k,v} / attn2.to_out.0  -> blocks_{i}/cross_attn/{q_linear,kv_linear,proj}
+  mlp.fc{1,2} or ff.net.{0.proj,2}                          -> blocks_{i}/mlp/fc{1,2}
+  adaLN_modulation.1 or norm1.linear                         -> blocks_{i}/adaLN_modulation_1
+  final_layer.* or proj_out_{1,2} / scale_shift_table, proj_out -> final_layer/*
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+from dit.models import hub_files
+from dit.models.dit import DiT, abstract_params
+
+# DiT sizes whose head count cannot be read off the weights: hidden size -> heads.
+_HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+# A rule maps one Flax param to one or more torch tensors:
+#   "dense": torch Linear weights (concatenated along out) -> kernel (in, out)
+#   "bias":  torch biases (concatenated)                   -> bias (out,)
+#   "patch": conv weight (D, C, p, p)                      -> kernel (p*p*C, D)
+#   "copy":  same shape
+Rule = tuple[tuple[str, ...], tuple[str, ...], str]
+
+
+def _linear(flax_prefix: tuple[str, ...], torch_prefixes: Sequence[str]) -> list[Rule]:
+  return [
+    (flax_prefix + ("kernel",), tuple(f"{t}.weight" for t in torch_prefixes), "dense"),
+    (flax_prefix + ("bias",), tuple(f"{t}.bias" for t in torch_prefixes), "bias"),
+  ]
+
+
+def _torch_shape(kind: str, shape: tuple[int, ...], n: int, patch_size: int) -> tuple[int, ...]:
+  if kind == "dense":
+    return (shape[1] // n, shape[0])
+  if kind == "bias":
+    return (shape[0] // n,)
+  if kind == "patch":
+    p = patch_size
+    return (shape[1], shape[0] // (p * p), p, p)
+  return tuple(shape)
+
+
+def _to_flax(kind: str, arrays: list[np.ndarray]) -> np.ndarray:
+  if kind == "dense":
+    return np.concatenate(arrays, axis=0).T
+  if kind == "bias":
+    return np.concatenate(arrays, axis=0)
+  if kind == "patch":
+    (w,) = arrays
+    return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
+  (w,) = arrays
+  return w
+
+
+def _apply_rules(
+  weights: Mapping[str, np.ndarray],
+  rules: list[Rule],
+  model_kwargs: dict,
+  source: str,
+  ignored: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict:
+  """Checks names and shapes of `weights` against `rules`, then builds the Flax params."""
+  shapes = {
+    k: tuple(v.shape)
+    for k, v in traverse_util.flatten_dict(abstract_params(DiT(**model_kwargs))).items()
+  }
+  covered = {path for path, _, _ in rules}
+  if covered != set(shapes):  # A bug in the rules, not in the checkpoint.
+    raise AssertionError(f"rules do not cover the model: {sorted(set(shapes) ^ covered)}")
+  expected = dict(ignored or {})
+  for path, keys, kind in rules:
+    for key in keys:
+      expected[key] = _torch_shape(kind, shapes[path], len(keys), model_kwargs["patch_size"])
+  hub_files.check_keys(weights, expected, source)
+  flat = {}
+  for path, keys, kind in rules:
+    arrays = [np.asarray(weights[k], np.float32) for k in keys]
+    flat[path] = _to_flax(kind, arrays)
+  return traverse_util.unflatten_dict(flat)
+
+
+def _block_count(weights: Mapping[str, np.ndarray], pattern: str) -> int:
+  ids = {int(m.group(1)) for k in weights if (m := re.match(pattern, k))}
+  return max(ids) + 1 if ids else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Official DiT release (facebookresearch/DiT).
+
+
+def _load_state_dict(path: str) -> dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+  if path.endswith(".safetensors"):
+    stem = os.path.basename(path)[: -len(".safetensors")]
+    return hub_files.read_safetensors(os.path.dirname(path) or ".", stem)
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+      f"Reading the PyTorch pickle {path!r} needs torch (pip install 'dit[torch]'), "
+      "or convert it to .safetensors first."
+    ) from e
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(sd, dict) and "ema" in sd:  # A training checkpoint: use the EMA weights.
+    sd = sd["ema"]
+  elif isinstance(sd, dict) and "model" in sd:
+    sd = sd["model"]
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def dit_rules(depth: int, num_classes: int) -> list[Rule]:
+  """Rules for the official DiT state dict."""
+  rules: list[Rule] = [
+    (("x_embedder", "kernel"), ("x_embedder.proj.weight",), "patch"),
+    (("x_embedder", "bias"), ("x_embedder.proj.bias",), "copy"),
+    *_linear(("t_embedder", "mlp_0"), ["t_embedder.mlp.0"]),
+    *_linear(("t_embedder", "mlp_2"), ["t_embedder.mlp.2"]),
+    *_linear(("final_layer", "adaLN_modulation_1"), ["final_layer.adaLN_modulation.1"]),
+    *_linear(("final_layer", "linear"), ["final_layer.linear"]),
+  ]
+  if num_classes > 0:
+    rules.append((("y_embedder", "embedding"), ("y_embedder.embedding_table.weight",), "copy"))
+  for i in range(depth):
+    f, t = f"blocks_{i}", f"blocks.{i}"
+    rules += _linear((f, "attn", "qkv"), [f"{t}.attn.qkv"])
+    rules += _linear((f, "attn", "proj"), [f"{t}.attn.proj"])
+    rules += _linear((f, "mlp", "fc1"), [f"{t}.mlp.fc1"])
+    rules += _linear((f, "mlp", "fc2"), [f"{t}.mlp.fc2"])
+    rules += _linear((f, "adaLN_modulation_1"), [f"{t}.adaLN_modulation.1"])
+  return rules
+
+
+def dit_params_from_state_dict(
+  weights: Mapping[str, np.ndarray], source: str = "<state dict>", num_heads: int | None = None
+) -> tuple[dict, dict]:
+  """Official DiT state dict (NumPy arrays) -> (params, model_kwargs)."""
+  if "x_embedder.proj.weight" not in weights or "final_layer.linear.weight" not in weights:
+    raise ValueError(
+      f"Checkpoint {source} is not in the official DiT layout: it lacks x_embedder.proj.weight "
+      f"or final_layer.linear.weight (first keys: {sorted(weights)[:8]})"
+    )
+  d, c, p, _ = weights["x_embedder.proj.weight"].shape
+  out = weights["final_layer.linear.weight"].shape[0] // (p * p)
+  table = weights.get("y_embedder.embedding_table.weight")
+  pos = weights.get("pos_embed")
+  grid = int(round(np.sqrt(pos.shape[1]))) if pos is not None else 256 // 8 // p
+  kwargs = dict(
+    input_size=grid * p,
+    patch_size=p,
+    in_channels=c,
+    hidden_size=d,
+    depth=_block_count(weights, r"blocks\.(\d+)\."),
+    num_heads=num_heads or _HEADS_BY_HIDDEN.get(d, max(d // 64, 1)),
+    num_classes=table.shape[0] - 1 if table is not None else 0,
+    learn_sigma=out == 2 * c,
+    adaln="zero",
+  )
+  # The fixed position table is recomputed by the model; only its shape is checked.
+  ignored = {"pos_embed": (1, grid * grid, d)} if pos is not None else {}
+  rules = dit_rules(kwargs["depth"], kwargs["num_classes"])
+  return _apply_rules(weights, rules, kwargs, source, ignored), kwargs
+
+
+def convert_dit_checkpoint(path: str, num_heads: int | None = None) -> tuple[dict, dict]:
+  """Official DiT checkpoint (.pt via torch.load(weights_only=True), or .safetensors).
+
+  Returns (params, model_kwargs). The head count is not stored in the weights; it defaults to
+  the paper's (S: 6, B: 12, L: 16, XL: 16).
+  """
+  return dit_params_from_state_dict(_load_state_dict(path), repr(path), num_heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers layouts.
+
+
+def _diffusers_dir(model_dir: str) -> str:
+  """A pipeline root holds the model in transformer/; accept either."""
+  sub = os.path.join(model_dir, "transformer")
+  if not os.path.isfile(os.path.join(model_dir, "config.json")) and os.path.isdir(sub):
+    return sub
+  return model_dir
+
+
+def _block_rules(f: str, t: str, cross: bool) -> list[Rule]:
+  rules = _linear((f, "attn", "qkv"), [f"{t}.attn1.to_q", f"{t}.attn1.to_k", f"{t}.attn1.to_v"])
+  rules += _linear((f, "attn", "proj"), [f"{t}.attn1.to_out.0"])
+  if cross:
+    rules += _linear((f, "cross_attn", "q_linear"), [f"{t}.attn2.to_q"])
+    rules += _linear((f, "cross_attn", "kv_linear"), [f"{t}.attn2.to_k", f"{t}.attn2.to_v"])
+    rules += _linear((f, "cross_attn", "proj"), [f"{t}.attn2.to_out.0"])
+  rules += _linear((f, "mlp", "fc1"), [f"{t}.ff.net.0.proj"])
+  rules += _linear((f, "mlp", "fc2"), [f"{t}.ff.net.2"])
+  return rules
+
+
+def _check_supported(cfg: dict, source: str, expected: dict) -> None:
+  for key, value in expected.items():
+    if key in cfg and cfg[key] != value:
+      raise ValueError(f"Unsupported {source} config {key}={cfg[key]!r}; expected {value!r}.")
+
+
+def diffusers_dit_params(
+  weights: Mapping[str, np.ndarray], cfg: dict, source: str = "<state dict>"
+) -> tuple[dict, dict]:
+  """diffusers DiTTransformer2DModel state dict + config -> (params, model_kwargs).
+
+  diffusers keeps a copy of the timestep and label embedders in every block (all equal in the
+  converted public checkpoints); block 0's is used and the others must match it.
+  """
+  _check_supported(
+    cfg,
+    source,
+    {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True},
+  )
+  c = cfg.get("in_channels", 4)
+  kwargs = dict(
+    input_size=cfg.get("sample_size", 32),
+    patch_size=cfg.get("patch_size", 2),
+    in_channels=c,
+    hidden_size=cfg.get("num_attention_heads", 16) * cfg.get("attention_head_dim", 72),
+    depth=cfg.get("num_layers", 28),
+    num_heads=cfg.get("num_attention_heads", 16),
+    num_classes=cfg.get("num_embeds_ada_norm", 1000),
+    learn_sigma=(cfg.get("out_channels") or c) == 2 * c,
+    adaln="zero",
+    time_freq_shift=1.0,  # diffusers' DiT uses Timesteps(downscale_freq_shift=1).
+  )
+  emb = "transformer_blocks.{i}.norm1.emb"
+  rules: list[Rule] = [
+    (("x_embedder", "kernel"), ("pos_embed.proj.weight",), "patch"),
+    (("x_embedder", "bias"), ("pos_embed.proj.bias",), "copy"),
+    *_linear(("t_embedder", "mlp_0"), [emb.format(i=0) + ".timestep_embedder.linear_1"]),
+    *_linear(("t_embedder", "mlp_2"), [emb.format(i=0) + ".timestep_embedder.linear_2"]),
+    (
+      ("y_embedder", "embedding"),
+      (emb.format(i=0) + ".class_embedder.embedding_table.weight",),
+      "copy",
+    ),
+    *_linear(("final_layer", "adaLN_modulation_1"), ["proj_out_1"]),
+    *_linear(("final_layer", "linear"), ["proj_out_2"]),
+  ]
+  for i in range(kwargs["depth"]):
+    f, t = f"blocks_{i}", f"transformer_blocks.{i}"
+    rules += _block_rules(f, t, cross=False)
+    rules += _linear((f, "adaLN_modulation_1"), [f"{t}.norm1.linear"])
+  # Per-block copies of the embedders: expected, checked equal to block 0's, then dropped.
+  shared = [k for k in weights if k.startswith(emb.format(i=0) + ".")]
+  ignored = {}
+  for i in range(1, kwargs["depth"]):
+    for k0 in shared:
+      k = k0.replace(emb.format(i=0), emb.format(i=i), 1)
+      ignored[k] = tuple(weights[k0].shape)
+      if k in weights and weights[k].shape == weights[k0].shape:
+        if not np.array_equal(weights[k], weights[k0]):
+          raise ValueError(
+            f"Checkpoint {source}: {k} differs from {k0}; this model shares one timestep/label "
+            "embedder across blocks."
+          )
+  return _apply_rules(weights, rules, kwargs, source, ignored), kwargs
+
+
+def convert_diffusers_dit(model_dir: str) -> tuple[dict, dict]:
+  """A diffusers DiT directory (config.json + diffusion_pytorch_model.safetensors)."""
+  model_dir = _diffusers_dir(model_dir)
+  cfg = hub_files.read_config(model_dir)
+  weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
+  return diffusers_dit_params(weights, cfg, repr(model_dir))
+
+
+def pixart_params(
+  weights: Mapping[str, np.ndarray],
+  cfg: dict,
+  source: str = "<state dict>",
+  null_caption: np.ndarray | None = None,
+) -> tuple[dict, dict]:
+  """diffusers PixArtTransformer2DModel state dict + config -> (params, model_kwargs).
+
+  diffusers stores no null caption (its pipelines encode an empty negative prompt instead).
+  Pass `null_caption` (L, caption_channels), e.g. T5 embeddings of "", to get a learned
+  `y_embedding` param that `cond["drop"]` will use; without it the model gets
+  null_caption="frozen" (a fixed random table), so pass the negative prompt as "text".
+  """
+  _check_supported(
+    cfg,
+    source,
+    {
+      "norm_type": "ada_norm_single",
+      "activation_fn": "gelu-approximate",
+      "attention_bias": True,
+      "attention_type": "default",
+    },
+  )
+  c = cfg.get("in_channels", 4)
+  sample_size = cfg.get("sample_size", 128)
+  heads = cfg.get("num_attention_heads", 16)
+  hidden = heads * cfg.get("attention_head_dim", 72)
+  caption_channels = cfg.get("caption_channels") or 0
+  if cfg.get("cross_attention_dim", hidden) not in (None, hidden) or not caption_channels:
+    raise ValueError(
+      f"Unsupported {source} config: needs caption_channels > 0 and cross_attention_dim = "
+      f"hidden size {hidden}, got {caption_channels} and {cfg.get('cross_attention_dim')}"
+    )
+  interpolation = cfg.get("interpolation_scale")
+  additional = cfg.get("use_additional_conditions")
+  kwargs = dict(
+    input_size=sample_size,
+    patch_size=cfg.get("patch_size", 2),
+    in_channels=c,
+    hidden_size=hidden,
+    depth=cfg.get("num_layers", 28),
+    num_heads=heads,
+    num_classes=0,
+    learn_sigma=(cfg.get("out_channels") or c) == 2 * c,
+    adaln="single",
+    caption_channels=caption_channels,
+    pe_interpolation=float(
+      interpolation if interpolation is not None else max(sample_size // 64, 1)
+    ),
+    size_conditioning=bool(additional if additional is not None else sample_size == 128),
+  )
+  if null_caption is not None:
+    null_caption = np.asarray(null_caption, np.float32)
+    if null_caption.ndim != 2 or null_caption.shape[1] != caption_channels:
+      raise ValueError(
+        f"null_caption must be (L, {caption_channels}), got shape {null_caption.shape}"
+      )
+    kwargs.update(caption_length=null_caption.shape[0], null_caption="learned")
+    weights = {**weights, "y_embedding": null_caption}
+  else:
+    kwargs.update(null_caption="frozen")
+
+  emb = "adaln_single.emb"
+  rules: list[Rule] = [
+    (("x_embedder", "kernel"), ("pos_embed.proj.weight",), "patch"),
+    (("x_embedder", "bias"), ("pos_embed.proj.bias",), "copy"),
+    *_linear(("t_embedder", "mlp_0"), [f"{emb}.timestep_embedder.linear_1"]),
+    *_linear(("t_embedder", "mlp_2"), [f"{emb}.timestep_embedder.linear_2"]),
+    *_linear(("t_block_1",), ["adaln_single.linear"]),
+    *_linear(("y_proj", "fc1"), ["caption_projection.linear_1"]),
+    *_linear(("y_proj", "fc2"), ["caption_projection.linear_2"]),
+    (("final_layer", "scale_shift_table"), ("scale_shift_table",), "copy"),
+    *_linear(("final_layer", "linear"), ["proj_out"]),
+  ]
+  if kwargs["size_conditioning"]:
+    for name in ("resolution", "aspect_ratio"):
+      rules += _linear((f"{name}_embedder", "mlp_0"), [f"{emb}.{name}_embedder.linear_1"])
+      rules += _linear((f"{name}_embedder", "mlp_2"), [f"{emb}.{name}_embedder.linear_2"])
+  if null_caption is not None:
+    rules.append((("y_embedding",), ("y_embedding",), "copy"))
+  for i in range(kwargs["depth"]):
+    f, t = f"blocks_{i}", f"transformer_blocks.{i}"
+    rules += _block_rules(f, t, cross=True)
+    rules.append(((f, "scale_shift_table"), (f"{t}.scale_shift_table",), "copy"))
+  return _apply_rules(weights, rules, kwargs, source), kwargs
+
+
+def convert_pixart(model_dir: str, null_caption: np.ndarray | None = None) -> tuple[dict, dict]:
+  """A diffusers PixArt-alpha/sigma transformer directory (or pipeline root).
+
+  Returns (params, model_kwargs); see `pixart_params` for `null_caption`.
+  """
+  model_dir = _diffusers_dir(model_dir)
+  cfg = hub_files.read_config(model_dir)
+  weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
+  return pixart_params(weights, cfg, repr(model_dir), null_caption)

@@ -1,0 +1,249 @@
+"""DiT model: shapes, initialisation, position table, conditioning, dtype/remat/attention
+equivalences and bad-input errors. (Parity with diffusers is in test_convert.py.)"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dit.models import attention
+from dit.models.dit import DiT, build_model, example_inputs, sincos_pos_embed_2d
+
+SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3)
+PIXART = dict(SMALL, num_classes=0, adaln="single", caption_channels=16, caption_length=5)
+# Documented tolerance of bfloat16 compute vs float32 (see the DiT docstring): the max abs error
+# relative to the output's standard deviation.
+BF16_REL_TOL = 5e-2
+
+
+def _init(model, seed=0, batch=2):
+  """The model's own initialisation (jitted: eager init compiles every RNG op separately)."""
+  x, t, cond = example_inputs(model, batch)
+  return jax.jit(model.init)(jax.random.key(seed), x, t, cond)["params"]
+
+
+def _shapes(model):
+  x, t, cond = example_inputs(model, 1)
+  return jax.eval_shape(model.init, jax.random.key(0), x, t, cond)["params"]
+
+
+def _random_params(model, seed=1, std=0.1):
+  """Random values for every param (zero-init ones included), so every path matters."""
+  rng = np.random.default_rng(seed)  # NumPy: eager jax.random compiles once per shape.
+  return jax.tree.map(
+    lambda p: jnp.asarray(std * rng.standard_normal(p.shape), p.dtype), _shapes(model)
+  )
+
+
+def _data(seed=0, b=2, s=8, c=3, length=5, width=16):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((b, s, s, c)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0, 1000, b), jnp.float32)
+  text = jnp.asarray(rng.standard_normal((b, length, width)), jnp.float32)
+  mask = jnp.asarray(np.arange(length)[None] < np.array([2, length])[:b, None], jnp.int32)
+  return x, t, jnp.arange(b, dtype=jnp.int32) % 10, text, mask
+
+
+def test_shapes_and_zero_init():
+  model = DiT(**SMALL, num_classes=10)
+  params = _init(model)
+  x, t, labels, _, _ = _data()
+  out = model.apply({"params": params}, x, t, {"label": labels})
+  assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32  # learn_sigma: 2 C.
+  # adaLN-Zero: the final layer is zero, so a fresh model predicts exactly 0.
+  np.testing.assert_array_equal(out, 0.0)
+  for block in ("blocks_0", "blocks_1"):
+    np.testing.assert_array_equal(params[block]["adaLN_modulation_1"]["kernel"], 0.0)
+  eps_only = DiT(**SMALL, num_classes=10, learn_sigma=False)
+  out = eps_only.apply({"params": _random_params(eps_only)}, x, t, None)
+  assert out.shape == (2, 8, 8, 3)
+
+
+def test_initialisation_matches_reference_scheme():
+  model = DiT(**{**SMALL, "hidden_size": 96, "num_heads": 4}, num_classes=10)
+  params = _init(model)
+  d, p, c = 96, 2, 3
+
+  def within_xavier(w, fan_in, fan_out):
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    return np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound
+
+  # Patch embedding is xavier-uniform on the (D, C p p) matrix, as the reference's conv view.
+  assert within_xavier(params["x_embedder"]["kernel"], c * p * p, d)
+  assert within_xavier(params["blocks_0"]["attn"]["qkv"]["kernel"], d, 3 * d)
+  assert within_xavier(params["blocks_0"]["mlp"]["fc1"]["kernel"], d, 4 * d)
+  np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["bias"], 0.0)
+  for w in (params["y_embedder"]["embedding"], params["t_embedder"]["mlp_0"]["kernel"]):
+    assert np.std(w) == pytest.approx(0.02, rel=0.1)
+  assert params["y_embedder"]["embedding"].shape == (11, d)  # + the null class.
+  np.testing.assert_array_equal(params["final_layer"]["linear"]["kernel"], 0.0)
+
+  pix = DiT(**PIXART)
+  pp = _init(pix)
+  np.testing.assert_array_equal(pp["blocks_0"]["cross_attn"]["proj"]["kernel"], 0.0)
+  assert pp["blocks_0"]["scale_shift_table"].shape == (6, 48)
+  assert np.std(pp["blocks_0"]["scale_shift_table"]) == pytest.approx(48**-0.5, rel=0.25)
+  assert pp["y_embedding"].shape == (5, 16) and "adaLN_modulation_1" not in pp["blocks_0"]
+
+
+def test_pos_embed_closed_form():
+  dim, gh, gw = 16, 3, 5
+  table = sincos_pos_embed_2d(dim, gh, gw)
+  assert table.shape == (gh * gw, dim)
+  for row, col in [(0, 0), (1, 4), (2, 3)]:
+    token = row * gw + col
+    for i in range(dim // 4):
+      omega = 10000.0 ** (-i / (dim / 4))
+      np.testing.assert_allclose(table[token, i], math.sin(col * omega), atol=1e-6)
+      np.testing.assert_allclose(table[token, dim // 4 + i], math.cos(col * omega), atol=1e-6)
+      np.testing.assert_allclose(table[token, dim // 2 + i], math.sin(row * omega), atol=1e-6)
+  # PixArt: positions arange(n) / (n / base) / interpolation.
+  scaled = sincos_pos_embed_2d(dim, 4, 4, base_size=2, interpolation=2.0)
+  ref = sincos_pos_embed_2d(dim, 4, 4, base_size=None, interpolation=4.0)
+  np.testing.assert_allclose(scaled, ref, atol=1e-6)
+
+
+def test_other_resolutions_use_rescaled_positions():
+  model = DiT(**SMALL, num_classes=10)
+  params = _random_params(model)
+  x = jnp.ones((1, 12, 16, 3))
+  out = model.apply({"params": params}, x, jnp.ones(1), {"label": jnp.zeros(1, jnp.int32)})
+  assert out.shape == (1, 12, 16, 6)
+
+
+def test_label_dropout_and_null_class():
+  model = DiT(**SMALL, num_classes=10, class_dropout_prob=1.0)
+  params = _random_params(model)
+  x, t, labels, _, _ = _data()
+
+  def run(train, **cond):
+    return model.apply(
+      {"params": params}, x, t, cond, train=train, rngs={"dropout": jax.random.key(0)}
+    )
+
+  null = run(False, label=jnp.full((2,), 10))
+  np.testing.assert_allclose(run(True, label=labels), null, atol=1e-6)  # p = 1: all dropped.
+  np.testing.assert_allclose(run(False, label=labels, drop=jnp.ones(2, bool)), null, atol=1e-6)
+  np.testing.assert_allclose(run(False), null, atol=1e-6)  # No label -> the null class.
+  mixed = run(False, label=labels, drop=jnp.array([True, False]))
+  np.testing.assert_allclose(mixed[0], null[0], atol=1e-6)
+  assert np.abs(mixed[1] - null[1]).max() > 1e-3
+  # p = 0: train and eval agree; dropout is the only randomness.
+  p0 = DiT(**SMALL, num_classes=10, class_dropout_prob=0.0)
+  a = p0.apply(
+    {"params": params}, x, t, {"label": labels}, train=True, rngs={"dropout": jax.random.key(1)}
+  )
+  np.testing.assert_allclose(a, p0.apply({"params": params}, x, t, {"label": labels}), atol=1e-6)
+
+
+def test_caption_null_and_mask():
+  model = DiT(**PIXART)
+  params = _random_params(model)
+  x, t, _, text, mask = _data()
+  apply = lambda cond: model.apply({"params": params}, x, t, cond)
+  null_text = jnp.broadcast_to(params["y_embedding"][None], text.shape)
+  dropped = apply({"text": text, "text_mask": mask, "drop": jnp.ones(2, bool)})
+  np.testing.assert_allclose(dropped, apply({"text": null_text, "text_mask": mask}), atol=1e-6)
+  # Masked-out tokens do not matter.
+  noisy = text.at[0, 2:].set(100.0)
+  np.testing.assert_allclose(
+    apply({"text": noisy, "text_mask": mask}), apply({"text": text, "text_mask": mask}), atol=1e-5
+  )
+  # Frozen null caption: no parameter, a fixed table.
+  frozen = DiT(**PIXART, null_caption="frozen")
+  assert "y_embedding" not in _shapes(frozen)
+  # Shorter captions are fine (the null caption is cut to length).
+  short = model.apply({"params": params}, x, t, {"text": text[:, :3], "drop": jnp.ones(2, bool)})
+  assert short.shape == (2, 8, 8, 6)
+
+
+def test_bf16_close_to_fp32():
+  model = DiT(**PIXART)
+  params = _random_params(model)
+  x, t, _, text, mask = _data()
+  cond = {"text": text, "text_mask": mask}
+  ref = model.apply({"params": params}, x, t, cond)
+  out = DiT(**PIXART, dtype="bfloat16").apply({"params": params}, x, t, cond)
+  assert out.dtype == jnp.float32
+  err = float(jnp.abs(out - ref).max() / jnp.std(ref))
+  assert 0 < err < BF16_REL_TOL, err
+
+
+def test_remat_same_outputs_and_grads():
+  model = DiT(**PIXART)
+  params = _random_params(model)
+  x, t, _, text, mask = _data()
+  cond = {"text": text, "text_mask": mask}
+
+  def loss(params, m):
+    return jnp.mean(m.apply({"params": params}, x, t, cond) ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  l1, g1 = grad(params, model)
+  l2, g2 = grad(params, DiT(**PIXART, remat=True))
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
+
+
+def test_attention_implementations_agree():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (5, 7, 7))
+  kv_mask = jnp.asarray([[1, 1, 1, 0, 0, 0, 0], [1] * 7], bool)
+  # Reference: masked attention == attention over only the kept keys.
+  ref0 = attention.dot_product_attention(q[:1], k[:1, :3], v[:1, :3], implementation="einsum")
+  for impl in ("einsum", "xla"):
+    out = attention.dot_product_attention(q, k, v, kv_mask[:, None, None], implementation=impl)
+    np.testing.assert_allclose(out[:1], ref0, atol=1e-6)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    ref1 = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(out[1], ref1[1], atol=1e-5)
+
+  model = DiT(**PIXART, attention_impl="einsum")
+  params = _random_params(model)
+  x, t, _, text, mask = _data()
+  cond = {"text": text, "text_mask": mask}
+  ref = model.apply({"params": params}, x, t, cond)
+  impls = ["xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+  for impl in impls:
+    dtype = "bfloat16" if impl == "cudnn" else "float32"
+    out = DiT(**PIXART, attention_impl=impl, dtype=dtype).apply({"params": params}, x, t, cond)
+    tol = BF16_REL_TOL * float(jnp.std(ref)) if impl == "cudnn" else 1e-5
+    np.testing.assert_allclose(out, ref, atol=tol)
+  if jax.default_backend() != "gpu":
+    pytest.skip("cudnn attention needs an NVIDIA GPU (xla and einsum checked)")
+
+
+def test_qk_norm_and_build_model():
+  cfg = ml_collections.ConfigDict(dict(SMALL, num_classes=10, qk_norm=True))
+  model = build_model(cfg)
+  assert "q_norm" in _shapes(model)["blocks_0"]["attn"]
+  with pytest.raises(ValueError, match="Unknown config.model fields \\['hiden_size'\\]"):
+    build_model(dict(SMALL, hiden_size=3))
+
+
+@pytest.mark.parametrize(
+  "kwargs,x_shape,cond,match",
+  [
+    ({}, (2, 7, 8, 3), {}, r"\(H, W\) = \(7, 8\) must be divisible by patch_size=2"),
+    ({}, (2, 8, 8, 4), {}, r"x has 4 channels, expected in_channels=3"),
+    ({}, (8, 8, 3), {}, r"x must be \(B, H, W, C\), got shape \(8, 8, 3\)"),
+    (PIXART, (2, 8, 8, 3), {"text": (2, 5, 12)}, r"\(2, L, 16\), got \(2, 5, 12\)"),
+    (
+      PIXART,
+      (2, 8, 8, 3),
+      {"text": (2, 5, 16), "text_mask": (2, 4)},
+      r"text_mask'\] must be \(B, L\) = \(2, 5\).*got \(2, 4\)",
+    ),
+    (PIXART, (2, 8, 8, 3), {"text": (2, 6, 16)}, r"6 tokens, more than caption_length=5"),
+    ({"adaln": "double"}, (2, 8, 8, 3), {}, r"adaln must be 'zero' or 'single', got 'double'"),
+  ],
+)
+def test_bad_input(kwargs, x_shape, cond, match):
+  model = DiT(**{**SMALL, "num_classes": 0, **kwargs})
+  cond = {k: jnp.ones(v) for k, v in cond.items()}
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.ones(x_shape), jnp.ones(x_shape[:1]), cond)
