@@ -74,4 +74,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.eta = 0.0
   c.sample.num = 100  # The grid: one row per class.
   c.sample.use_ema = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.metric = "digits"  # "digits" (classifier accuracy + feature FD) | "fid".
+  c.eval.every = 0  # Evaluate every N train steps (0: only via dit.evaluate).
+  c.eval.num_samples = 1000
+  c.eval.batch_size = 500
+  c.eval.best_metric = "accuracy"  # Keep the best checkpoint by this metric ...
+  c.eval.best_mode = "max"  # ... "max" or "min" (e.g. FID).
+  c.eval.inception_path = ""  # For "fid": pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
+  c.eval.ref_stats = ""  # For "fid": .npz with mu/sigma (ADM or pytorch-fid layout).
   return c

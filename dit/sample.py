@@ -33,7 +33,17 @@ def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
 
 @functools.partial(
-  jax.jit, static_argnames=("model", "shape", "sampler", "steps", "prediction", "learn_sigma")
+  jax.jit,
+  static_argnames=(
+    "model",
+    "shape",
+    "sampler",
+    "steps",
+    "prediction",
+    "learn_sigma",
+    "eta",
+    "cfg_scale",
+  ),
 )
 def _generate(
   params,
@@ -100,8 +110,8 @@ def generate(
     cond,
     key,
     schedule if schedule is not None else make_schedule(config),
-    jnp.float32(s.cfg_scale if cfg_scale is None else cfg_scale),
-    jnp.float32(s.eta),
+    cfg_scale=float(s.cfg_scale if cfg_scale is None else cfg_scale),
+    eta=float(s.eta),
     model=model,
     shape=(num, m.input_size, m.input_size, m.in_channels),
     sampler=sampler,
@@ -167,58 +177,62 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool =
 
 # ---- Command line ----------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding ckpt/.")
-_NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
-_OUT = flags.DEFINE_string("out", "grid.png", "Output: .png grid or .npz array (uint8 images).")
-_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name; default config.sample.sampler.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps; default config.sample.steps.")
-_CFG = flags.DEFINE_float("cfg_scale", None, "Guidance scale; default config.sample.cfg_scale.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_LABELS = flags.DEFINE_list("labels", None, "Class labels (default: equal rows of all classes).")
-_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw instead of the EMA parameters.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a command (modules import cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+  flags.DEFINE_string("workdir", None, "Training workdir holding ckpt/.")
+  flags.DEFINE_integer("num", 64, "Number of samples.")
+  flags.DEFINE_string("out", "grid.png", "Output: .png grid or .npz array (uint8 images).")
+  flags.DEFINE_string("sampler", None, "Sampler name; default config.sample.sampler.")
+  flags.DEFINE_integer("steps", None, "Sampling steps; default config.sample.steps.")
+  flags.DEFINE_float("cfg_scale", None, "Guidance scale; default config.sample.cfg_scale.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed.")
+  flags.DEFINE_list("labels", None, "Class labels (default: equal rows of all classes).")
+  flags.DEFINE_bool("raw_params", False, "Use the raw instead of the EMA parameters.")
 
 
 def main(argv: list[str]) -> None:
   del argv
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise UserError("--config and --workdir are required.")
-  config = _CONFIG.value
-  if _NUM.value < 1:
-    raise UserError(f"--num must be positive, got {_NUM.value}.")
-  model, params = load_params(config, _WORKDIR.value, use_ema=not _RAW.value)
+  config = FLAGS.config
+  if FLAGS.num < 1:
+    raise UserError(f"--num must be positive, got {FLAGS.num}.")
+  model, params = load_params(config, FLAGS.workdir, use_ema=not FLAGS.raw_params)
   cond = None
   if config.model.num_classes:
-    if _LABELS.value:
-      labels = np.resize(np.asarray([int(v) for v in _LABELS.value], np.int32), _NUM.value)
+    if FLAGS.labels:
+      labels = np.resize(np.asarray([int(v) for v in FLAGS.labels], np.int32), FLAGS.num)
       if labels.min() < 0 or labels.max() >= config.model.num_classes:
-        raise UserError(
-          f"--labels must be in [0, {config.model.num_classes}), got {_LABELS.value}."
-        )
+        raise UserError(f"--labels must be in [0, {config.model.num_classes}), got {FLAGS.labels}.")
     else:
-      labels = grid_labels(_NUM.value, config.model.num_classes)
+      labels = grid_labels(FLAGS.num, config.model.num_classes)
     cond = {"label": jnp.asarray(labels)}
   images = generate(
     config,
     model,
     params,
     cond,
-    jax.random.PRNGKey(_SEED.value),
-    _NUM.value,
-    sampler=_SAMPLER.value,
-    steps=_STEPS.value,
-    cfg_scale=_CFG.value,
+    jax.random.PRNGKey(FLAGS.seed),
+    FLAGS.num,
+    sampler=FLAGS.sampler,
+    steps=FLAGS.steps,
+    cfg_scale=FLAGS.cfg_scale,
   )
-  out = _OUT.value
+  out = FLAGS.out
   if out.endswith(".npz"):
     np.savez(out, images=to_uint8(images))
   else:
-    save_grid(images, out, nrow=int(np.ceil(np.sqrt(_NUM.value))))
+    save_grid(images, out, nrow=int(np.ceil(np.sqrt(FLAGS.num))))
   print(f"wrote {out}")
 
 
 def cli() -> None:
   """Console-script entry point (`dit-sample`)."""
+  define_flags()
   run_command(main)
 
 

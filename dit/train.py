@@ -520,20 +520,26 @@ def _write_samples(config, model, state, schedule, workdir, name) -> None:
 
 # ---- Command line ------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a command (modules import cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 
 
 def main(argv: list[str]) -> None:
   del argv
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise UserError("--config and --workdir are required.")
   logging.set_verbosity(logging.WARNING)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def cli() -> None:
   """Console-script entry point (`dit-train`)."""
+  define_flags()
   run_command(main)
 
 
