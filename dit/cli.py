@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 
 
 class UserError(Exception):
@@ -30,7 +30,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
   except FileNotFoundError as e:
     raise UserError(f"Config file {path!r} does not exist.") from e
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"Config {spec!r}: {e}") from e
   config.lock()
   return config
 
@@ -74,6 +77,8 @@ def run_command(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run` with one-line errors for bad flags and `UserError`s."""
 
   def wrapped(argv):
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+      logging.set_verbosity(logging.WARNING)  # Keep the console for the progress bar.
     try:
       main(argv)
     except UserError as e:

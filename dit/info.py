@@ -24,12 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
+from absl import flags
 from ml_collections import config_flags
 
+from dit.cli import UserError, run_command
 from dit.models.dit import DiT, build_model, example_inputs
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).")
 
 
 def _dot_macs(eqn) -> int:
@@ -106,13 +105,16 @@ def model_info(model: DiT, train_flops: bool = True) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/imagenet256_dit.py:XL/2")
-  print(json.dumps(model_info(build_model(_CONFIG.value.model)), indent=2))
+  config = flags.FLAGS.config
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/imagenet256_dit.py:XL/2")
+  print(json.dumps(model_info(build_model(config.model)), indent=2))
 
 
 def cli():
-  app.run(main)
+  """Console-script entry point (`dit-info`)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+  run_command(main)
 
 
 if __name__ == "__main__":

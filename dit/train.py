@@ -533,7 +533,6 @@ def main(argv: list[str]) -> None:
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise UserError("--config and --workdir are required.")
-  logging.set_verbosity(logging.WARNING)
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
