@@ -1,0 +1,657 @@
+"""Samplers: one `jax.lax.scan` driver and one small step function per sampler.
+
+A sampler is instantiated on a time grid as a `Plan`:
+  infos:  dict of arrays with a leading axis of length n (one entry per scan step, i.e. per
+          model evaluation), computed up front: model timestep "t", the VP coefficients
+          "a", "s" (alpha_t, sigma_t) at the evaluation point, those of the state after the
+          step ("a_next", "s_next"), flags such as "order" for multistep starts, ...
+  init:   x (native space) -> carry (a dict holding "x" and any solver history)
+  step:   (carry, info, predict, noise) -> carry
+  space:  "vp" if the state is x = alpha x0 + sigma eps (DDPM, DDIM, DPM-Solver++, UniPC,
+          LCM) or "ve" if it is x / alpha = x0 + k eps (Euler, Euler ancestral, Heun).
+`run_plan` scans `step` over `infos`; `sample` builds the plan and runs it. First-order
+starts and the final step to sigma = 0 are flags in `infos`, never Python branches, so the
+model is traced exactly once. Guidance and editing wrap `denoise` or use the plan's
+coefficients; they do not touch the steps.
+
+Conventions: `denoise(x, t)` takes the VP-scaled sample x (B, ...) and float timesteps
+t (B,) in [0, T) and returns the model output (B, ..., C) or (B, ..., 2C) with learned
+sigma. `x_T` is unit Gaussian noise; each plan scales it as diffusers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit.diffusion import editing, schedules
+from dit.diffusion.schedules import Schedule
+
+Array = jax.Array
+Denoise = Callable[[Array, Array], Array]
+# predict(x_native, info) -> (x0, eps, variance interpolation v or None)
+Predict = Callable[[Array, dict], tuple[Array, Array, Array | None]]
+
+SAMPLERS = (
+  "ddpm",
+  "ddim",
+  "euler",
+  "euler_ancestral",
+  "heun",
+  "dpmpp_2m",
+  "dpmpp_2m_sde",
+  "dpmpp_3m",
+  "unipc",
+  "lcm",
+)
+SPACINGS = ("leading", "trailing", "linspace")
+DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A sampler on a concrete time grid (see the module docstring)."""
+
+  infos: dict[str, Array]
+  init: Callable[[Array], dict[str, Array]]
+  step: Callable[[dict[str, Array], dict[str, Array], Predict, Array], dict[str, Array]]
+  space: str  # "vp" or "ve"
+  noise_scale: Array  # x_native = noise_scale * x_T when starting from pure noise
+  single_step: bool = True  # no history in the carry: RePaint resampling is allowed
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.infos["t"].shape[0])
+
+
+# ----------------------------------------------------------------------------- time grids
+
+
+def _bcast(a: Array, x: Array) -> Array:
+  return schedules._bcast(a, x)
+
+
+def _ve_to_vp(k: Array) -> tuple[Array, Array]:
+  a = 1.0 / jnp.sqrt(k**2 + 1.0)
+  return a, k * a
+
+
+def _grid_from_timesteps(schedule: Schedule, ts: np.ndarray) -> dict:
+  ab = schedule.alphas_cumprod[ts]
+  ab_next = jnp.concatenate([ab[1:], jnp.ones((1,), ab.dtype)])
+  return {
+    "t": jnp.asarray(ts, jnp.float32),
+    "ab": ab,
+    "ab_next": ab_next,
+    "a": jnp.sqrt(ab),
+    "s": jnp.sqrt(1.0 - ab),
+    "a_next": jnp.sqrt(ab_next),
+    "s_next": jnp.sqrt(1.0 - ab_next),
+  }
+
+
+def discrete_grid(schedule: Schedule, steps: int, spacing: str, offset: int = 0) -> dict:
+  """Integer timesteps (n,) and their VP alpha/sigma, plus the next point (1, 0 at the end)."""
+  return _grid_from_timesteps(
+    schedule, schedules.spaced_timesteps(schedule.T, steps, spacing, offset)
+  )
+
+
+def sigma_grid(
+  schedule: Schedule,
+  steps: int,
+  spacing: str,
+  *,
+  karras: bool = False,
+  karras_full_range: bool = False,
+  rho: float = 7.0,
+  round_timesteps: bool = False,
+  offset: int = 0,
+) -> dict:
+  """A k-sigma grid (n,) with model timesteps, as diffusers' k-diffusion-style schedulers.
+
+  Without `karras` the sigmas are those of the spaced integer timesteps; with it, n Karras
+  sigmas between the end points of that grid (or of the whole schedule if
+  `karras_full_range`), mapped back to fractional (or rounded) timesteps by interpolation in
+  log sigma. The grid ends at sigma = 0. A zero-terminal-SNR schedule's infinite sigma is
+  clamped to alphas_cumprod = 2^-24, as diffusers does.
+  """
+  ts = schedules.spaced_timesteps(schedule.T, steps, spacing, offset)
+  ab_all = jnp.maximum(schedule.alphas_cumprod, 2.0**-24)
+  k_all = jnp.sqrt((1.0 - ab_all) / ab_all)
+  k = k_all[ts]
+  t = jnp.asarray(ts, jnp.float32)
+  if karras:
+    lo, hi = (k_all[0], k_all[-1]) if karras_full_range else (k[-1], k[0])
+    k = schedules.karras_sigmas(lo, hi, steps, rho)
+    t = jnp.interp(jnp.log(k), jnp.log(k_all), jnp.arange(schedule.T, dtype=jnp.float32))
+    if round_timesteps:
+      t = jnp.round(t)
+  k_next = jnp.concatenate([k[1:], jnp.zeros((1,), k.dtype)])
+  a, s = _ve_to_vp(k)
+  a_next, s_next = _ve_to_vp(k_next)
+  return {"t": t, "k": k, "k_next": k_next, "a": a, "s": s, "a_next": a_next, "s_next": s_next}
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def ddpm_plan(grid: dict, *, variance: str = "fixed_small") -> Plan:
+  """Ancestral sampling from p(x_{t'}|x_t) on any sub-grid t > t' (DDPM; DiT respacing).
+
+  variance: "fixed_small" (posterior variance), "fixed_large" (beta_t), or "learned_range"
+  (log-interpolation between them by the model's variance channels, improved DDPM).
+  No noise is added on the final step to x0.
+  """
+  if variance not in DDPM_VARIANCES:
+    raise ValueError(f"Unknown DDPM variance {variance!r}; expected one of {DDPM_VARIANCES}")
+  n = grid["t"].shape[0]
+  infos = dict(grid, noisy=jnp.asarray(np.arange(n) < n - 1, jnp.float32))
+
+  def step(carry, info, predict, noise):
+    x = carry["x"]
+    x0, _, v = predict(x, info)
+    ab, ab_prev = info["ab"], info["ab_next"]
+    alpha_step = ab / ab_prev
+    beta_step = 1.0 - alpha_step
+    mean = (jnp.sqrt(ab_prev) * beta_step / (1.0 - ab)) * x0 + (
+      jnp.sqrt(alpha_step) * (1.0 - ab_prev) / (1.0 - ab)
+    ) * x
+    small = jnp.maximum((1.0 - ab_prev) / (1.0 - ab) * beta_step, 1e-20)
+    if variance == "fixed_small":
+      std = jnp.sqrt(small)
+    elif variance == "fixed_large":
+      std = jnp.sqrt(beta_step)
+    else:
+      if v is None:
+        raise ValueError("variance='learned_range' needs a model with learn_sigma=True")
+      frac = (v + 1.0) / 2.0
+      std = jnp.exp(0.5 * (frac * jnp.log(beta_step) + (1.0 - frac) * jnp.log(small)))
+    return {"x": mean + info["noisy"] * std * noise}
+
+  return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+
+
+def ddim_plan(grid: dict, *, eta: float = 0.0) -> Plan:
+  """DDIM (Song et al. 2021); eta = 0 deterministic, eta = 1 DDPM-like noise."""
+
+  def step(carry, info, predict, noise):
+    x = carry["x"]
+    x0, eps, _ = predict(x, info)
+    ab, ab_next = info["ab"], info["ab_next"]
+    var = ((1.0 - ab_next) / (1.0 - ab)) * (1.0 - ab / ab_next)
+    std = eta * jnp.sqrt(var)
+    direction = jnp.sqrt(jnp.maximum(1.0 - ab_next - std**2, 0.0)) * eps
+    return {"x": info["a_next"] * x0 + direction + std * noise}
+
+  return Plan(dict(grid), lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+
+
+def euler_plan(grid: dict) -> Plan:
+  """Euler on the probability-flow ODE dx/dk = (x - x0) / k in VE space (k-diffusion)."""
+
+  def step(carry, info, predict, noise):
+    x = carry["x"]
+    x0, _, _ = predict(x, info)
+    d = (x - x0) / info["k"]
+    return {"x": x + d * (info["k_next"] - info["k"])}
+
+  return Plan(dict(grid), lambda x: {"x": x}, step, "ve", jnp.sqrt(grid["k"][0] ** 2 + 1.0))
+
+
+def euler_ancestral_plan(grid: dict) -> Plan:
+  """Euler ancestral: an Euler step down to k_down plus fresh noise of std k_up."""
+  k, k_next = grid["k"], grid["k_next"]
+  k_up = jnp.sqrt(k_next**2 * (k**2 - k_next**2) / k**2)
+  infos = dict(grid, k_up=k_up, k_down=jnp.sqrt(k_next**2 - k_up**2))
+
+  def step(carry, info, predict, noise):
+    x = carry["x"]
+    x0, _, _ = predict(x, info)
+    d = (x - x0) / info["k"]
+    return {"x": x + d * (info["k_down"] - info["k"]) + info["k_up"] * noise}
+
+  return Plan(infos, lambda x: {"x": x}, step, "ve", jnp.sqrt(k[0] ** 2 + 1.0))
+
+
+def heun_plan(grid: dict) -> Plan:
+  """Heun's 2nd-order method (EDM, deterministic), one model evaluation per scan step.
+
+  As in diffusers the n grid points give 2n - 1 evaluations: a predictor (Euler) evaluation
+  at k_j and, for every step that does not end at k = 0, a corrector evaluation at k_{j+1}
+  that averages the two slopes. Which one a scan step is, is the "first" flag.
+  """
+  n = grid["k"].shape[0]
+  idx = np.concatenate([[0], np.repeat(np.arange(1, n), 2)])
+  first = np.ones(2 * n - 1, bool)
+  first[1::2] = False
+  k = grid["k"][idx]
+  k_to = jnp.where(first, grid["k_next"][idx], k)  # where the state is after this scan step
+  a_next, s_next = _ve_to_vp(k_to)
+  infos = {
+    "t": grid["t"][idx],
+    "a": grid["a"][idx],
+    "s": grid["s"][idx],
+    "k": k,
+    "k_to": k_to,
+    "a_next": a_next,
+    "s_next": s_next,
+    "first": jnp.asarray(first),
+  }
+
+  def init(x):
+    return {"x": x, "x_prev": x, "d_prev": jnp.zeros_like(x), "dt": jnp.zeros((), x.dtype)}
+
+  def step(carry, info, predict, noise):
+    x = carry["x"]
+    x0, _, _ = predict(x, info)
+    d = (x - x0) / info["k"]
+    dt = info["k_to"] - info["k"]
+    predictor = x + d * dt
+    corrector = carry["x_prev"] + 0.5 * (carry["d_prev"] + d) * carry["dt"]
+    f = info["first"]
+    return {
+      "x": jnp.where(f, predictor, corrector),
+      "x_prev": jnp.where(f, x, carry["x_prev"]),
+      "d_prev": jnp.where(f, d, carry["d_prev"]),
+      "dt": jnp.where(f, dt, carry["dt"]),
+    }
+
+  return Plan(infos, init, step, "ve", jnp.sqrt(grid["k"][0] ** 2 + 1.0), single_step=False)
+
+
+def _lambdas(grid: dict) -> dict:
+  """log-SNR lambda = log(a / s) at each grid point, the previous two, and the next one.
+
+  Entries that a step does not use (history before the start, lambda at s = 0) get finite
+  stand-ins so that the unselected branches of jnp.where stay finite.
+  """
+  lam = jnp.log(grid["a"]) - jnp.log(grid["s"])
+  final = grid["s_next"] <= 0
+  lam_next = jnp.log(grid["a_next"]) - jnp.log(jnp.where(final, 1.0, grid["s_next"]))
+  lam_next = jnp.where(final, lam + 50.0, lam_next)  # exp(-50) == 0 in float32
+  lam_p1 = jnp.concatenate([lam[:1] - 1.0, lam[:-1]])
+  lam_p2 = jnp.concatenate([lam[:1] - 2.0, lam[:1] - 1.0, lam[:-2]])[: lam.shape[0]]
+  return {"lam": lam, "lam_next": lam_next, "lam_p1": lam_p1, "lam_p2": lam_p2}
+
+
+def dpmpp_plan(grid: dict, *, order: int = 2, sde: bool = False) -> Plan:
+  """DPM-Solver++ multistep (Lu et al. 2022) in data prediction, orders 1-3, ODE or SDE.
+
+  order 2 is "2M" (midpoint form), order 3 "3M" (ODE only, as diffusers). The step order is
+  data: 1 at the start, rising by one per step up to `order`, 1 on the final step to
+  sigma = 0, and at most 2 on the second-to-last step when there are fewer than 15 steps.
+  """
+  n = grid["t"].shape[0]
+  i = np.arange(n)
+  orders = np.minimum(i + 1, order)
+  orders[-1] = 1
+  if n < 15 and n >= 2:
+    orders[-2] = min(orders[-2], 2)
+  infos = dict(grid, **_lambdas(grid), order=jnp.asarray(orders, jnp.int32))
+
+  def init(x):
+    return {"x": x, "m1": jnp.zeros_like(x), "m2": jnp.zeros_like(x)}
+
+  def step(carry, info, predict, noise):
+    x, m1, m2 = carry["x"], carry["m1"], carry["m2"]
+    m0, _, _ = predict(x, info)
+    a_t, s_t, s_s = info["a_next"], info["s_next"], info["s"]
+    h = info["lam_next"] - info["lam"]
+    h0 = info["lam"] - info["lam_p1"]
+    h1 = info["lam_p1"] - info["lam_p2"]
+    r0, r1 = h0 / h, h1 / h
+    d1_0 = (m0 - m1) / r0
+    if sde:
+      em = -jnp.expm1(-2.0 * h)  # 1 - exp(-2h)
+      base = (s_t / s_s * jnp.exp(-h)) * x + (a_t * em) * m0 + s_t * jnp.sqrt(em) * noise
+      x1 = base
+      x2 = base + 0.5 * (a_t * em) * d1_0
+      x3 = x2
+    else:
+      em = jnp.expm1(-h)  # exp(-h) - 1
+      x1 = (s_t / s_s) * x - (a_t * em) * m0
+      x2 = x1 - 0.5 * (a_t * em) * d1_0
+      d1_1 = (m1 - m2) / r1
+      d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+      d2 = (d1_0 - d1_1) / (r0 + r1)
+      x3 = x1 + (a_t * (em / h + 1.0)) * d1 - (a_t * ((em + h) / h**2 - 0.5)) * d2
+    o = info["order"]
+    x_new = jnp.where(o == 1, x1, jnp.where(o == 2, x2, x3))
+    return {"x": x_new, "m1": m0, "m2": m1}
+
+  return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False)
+
+
+def unipc_plan(grid: dict) -> Plan:
+  """UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2"), order 2, data prediction.
+
+  Each scan step evaluates the model at the current point, applies the corrector UniC to
+  the state the previous predictor produced (not at the start), then the predictor UniP.
+  Orders as diffusers: predictor 1 at the start and on the final step; the corrector uses
+  the previous predictor's order.
+  """
+  n = grid["t"].shape[0]
+  p_order = np.minimum(np.arange(n) + 1, 2)
+  p_order[-1] = 1
+  c_order = np.concatenate([[0], p_order[:-1]])  # 0: no corrector
+  infos = dict(
+    grid,
+    **_lambdas(grid),
+    a_prev=jnp.concatenate([grid["a"][:1], grid["a"][:-1]]),
+    s_prev=jnp.concatenate([grid["s"][:1], grid["s"][:-1]]),
+    p_order=jnp.asarray(p_order, jnp.int32),
+    c_order=jnp.asarray(c_order, jnp.int32),
+  )
+
+  def init(x):
+    z = jnp.zeros_like(x)
+    return {"x": x, "x_last": x, "m1": z, "m2": z}
+
+  def step(carry, info, predict, noise):
+    x, x_last, m1, m2 = carry["x"], carry["x_last"], carry["m1"], carry["m2"]
+    m_t, _, _ = predict(x, info)
+    # Corrector from the previous point (lam_p1, state x_last) to this one (lam).
+    h = info["lam"] - info["lam_p1"]
+    em = jnp.expm1(-h)  # h * phi_1(-h) and also B(h) for bh2
+    b1 = (em / -h - 1.0) / em
+    b2 = 2.0 * ((em / -h - 1.0) / -h - 0.5) / em
+    rk = (info["lam_p2"] - info["lam_p1"]) / h
+    base = (info["s"] / info["s_prev"]) * x_last - (info["a"] * em) * m1
+    corr1 = base - info["a"] * em * 0.5 * (m_t - m1)
+    rho0 = (b1 - b2) / (1.0 - rk)
+    rho1 = b1 - rho0
+    corr2 = base - info["a"] * em * (rho0 * (m2 - m1) / rk + rho1 * (m_t - m1))
+    co = info["c_order"]
+    x = jnp.where(co == 0, x, jnp.where(co == 1, corr1, corr2))
+    # Predictor from this point to the next.
+    h = info["lam_next"] - info["lam"]
+    em = jnp.expm1(-h)
+    pred1 = (info["s_next"] / info["s"]) * x - (info["a_next"] * em) * m_t
+    rk = (info["lam_p1"] - info["lam"]) / h
+    pred2 = pred1 - info["a_next"] * em * 0.5 * (m1 - m_t) / rk
+    x_new = jnp.where(info["p_order"] == 1, pred1, pred2)
+    return {"x": x_new, "x_last": x, "m1": m_t, "m2": m1}
+
+  return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False)
+
+
+def lcm_timesteps(num_timesteps: int, steps: int, original_steps: int = 50) -> np.ndarray:
+  """LCM's timesteps (steps,): a subset of the distillation grid k - 1, 2k - 1, ..."""
+  if not 1 <= steps <= original_steps <= num_timesteps:
+    raise ValueError(
+      f"LCM needs 1 <= steps <= lcm_original_steps <= T, got steps={steps}, "
+      f"lcm_original_steps={original_steps}, T={num_timesteps}"
+    )
+  k = num_timesteps // original_steps
+  origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+  idx = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+  return origin[idx]
+
+
+def lcm_plan(grid: dict, *, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Plan:
+  """Latent consistency model multistep sampling (Luo et al. 2023), for distilled models.
+
+  denoised = c_out(t) x0_pred + c_skip(t) x, then re-noised to the next grid point with fresh
+  noise (none after the last step).
+  """
+  n = grid["t"].shape[0]
+  ts = grid["t"] * timestep_scaling
+  infos = dict(
+    grid,
+    c_skip=sigma_data**2 / (ts**2 + sigma_data**2),
+    c_out=ts / jnp.sqrt(ts**2 + sigma_data**2),
+    noisy=jnp.asarray(np.arange(n) < n - 1, jnp.float32),
+  )
+
+  def step(carry, info, predict, noise):
+    x = carry["x"]
+    x0, _, _ = predict(x, info)
+    denoised = info["c_out"] * x0 + info["c_skip"] * x
+    renoised = info["a_next"] * denoised + info["s_next"] * noise
+    return {"x": jnp.where(info["noisy"] > 0, renoised, denoised)}
+
+  return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def make_predict(
+  denoise: Denoise, space: str, prediction: str, learn_sigma: bool, clip_x0: float | None
+) -> Predict:
+  """Wraps `denoise` to return (x0, eps, v) from a native-space state at an info's point."""
+
+  def predict(x, info):
+    a, s = info["a"], info["s"]
+    x_vp = x * a if space == "ve" else x
+    t = jnp.full((x.shape[0],), info["t"], jnp.float32)
+    out = denoise(x_vp, t)
+    c = x.shape[-1]
+    if learn_sigma:
+      if out.shape[-1] != 2 * c:
+        raise ValueError(f"learn_sigma=True needs {2 * c} output channels, got {out.shape}")
+      out, v = out[..., :c], out[..., c:]
+    else:
+      if out.shape != x.shape:
+        raise ValueError(
+          f"denoise output shape {out.shape} != sample shape {x.shape} "
+          "(set learn_sigma=True for models with variance channels)"
+        )
+      v = None
+    x0, eps = schedules.to_x0_eps(out, x_vp, a, s, prediction)
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      eps = (x_vp - a * x0) / s
+    return x0, eps, v
+
+  return predict
+
+
+def run_plan(
+  plan: Plan,
+  predict: Predict,
+  x: Array,
+  *,
+  noise: Array | None = None,
+  paste: Callable[[Array, dict, Array], Array] | None = None,
+  return_trajectory: bool = False,
+):
+  """Runs every step of `plan` in one `lax.scan` from the native-space state x.
+
+  noise: optional (n, *x.shape) per-step noise (for parity with a reference); otherwise it
+  is drawn from infos["key"] (n,) PRNG keys. paste(x, info, key) edits the state after
+  each step.
+  Returns x_0, or (x_0, trajectory (n, *x.shape) of the native states after each step).
+  """
+  infos = dict(plan.infos)
+  if noise is not None:
+    if noise.shape != (plan.num_steps, *x.shape):
+      raise ValueError(
+        f"noise must have shape {(plan.num_steps, *x.shape)} (steps, *x.shape), got {noise.shape}"
+      )
+    infos["noise"] = noise
+
+  def body(carry, info):
+    k_step, k_paste, k_renoise = jax.random.split(info["key"], 3)
+    z = info["noise"] if "noise" in info else jax.random.normal(k_step, x.shape, x.dtype)
+    carry = plan.step(carry, info, predict, z)
+    if paste is not None:
+      carry = dict(carry, x=paste(carry["x"], info, k_paste))
+    if "renoise" in info:  # RePaint: go back to this step's start and take it again.
+      z = jax.random.normal(k_renoise, x.shape, x.dtype)
+      back = editing.renoise(carry["x"], info, z, plan.space)
+      carry = dict(carry, x=jnp.where(info["renoise"], back, carry["x"]))
+    return carry, (carry["x"] if return_trajectory else None)
+
+  carry, traj = jax.lax.scan(body, plan.init(x), infos)
+  if return_trajectory:
+    return carry["x"], traj
+  return carry["x"]
+
+
+def build_plan(
+  schedule: Schedule,
+  *,
+  sampler: str = "ddim",
+  steps: int = 50,
+  eta: float = 0.0,
+  timestep_spacing: str = "trailing",
+  steps_offset: int = 0,
+  karras: bool = False,
+  variance: str = "fixed_small",
+  lcm_original_steps: int = 50,
+  start: int = 0,
+) -> Plan:
+  """The plan for a sampler by name on `steps` grid points of `schedule` (see `sample`).
+
+  start: drop the first `start` grid points (img2img); multistep starts follow the new grid.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sampler!r}; valid samplers are: {', '.join(SAMPLERS)}")
+  if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
+    raise ValueError(f"steps must be an integer in [1, T={schedule.T}], got {steps!r}")
+  if not 1 <= steps <= schedule.T:
+    raise ValueError(f"steps must be in [1, T={schedule.T}], got {steps}")
+  if timestep_spacing not in SPACINGS:
+    raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected one of {SPACINGS}")
+  if sampler in ("ddpm", "ddim", "lcm") and karras:
+    raise ValueError(f"karras sigmas are not supported by sampler {sampler!r}")
+  cut = lambda grid: {k: v[start:] for k, v in grid.items()}
+  if sampler in ("ddpm", "ddim"):
+    grid = cut(discrete_grid(schedule, steps, timestep_spacing, steps_offset))
+    if sampler == "ddpm":
+      return ddpm_plan(grid, variance=variance)
+    return ddim_plan(grid, eta=eta)
+  if sampler == "lcm":
+    ts = lcm_timesteps(schedule.T, steps, lcm_original_steps)
+    return lcm_plan(cut(_grid_from_timesteps(schedule, ts)))
+  # k-diffusion-style samplers take Karras' range from the spaced grid (as diffusers' Euler
+  # and Heun); the DPM-Solver family from the whole schedule (as diffusers' DPM/UniPC).
+  full_range = sampler.startswith("dpmpp") or sampler == "unipc"
+  grid = sigma_grid(
+    schedule,
+    steps,
+    timestep_spacing,
+    karras=karras,
+    karras_full_range=full_range,
+    round_timesteps=full_range,
+    offset=steps_offset,
+  )
+  grid = cut(grid)
+  if sampler == "euler":
+    return euler_plan(grid)
+  if sampler == "euler_ancestral":
+    return euler_ancestral_plan(grid)
+  if sampler == "heun":
+    return heun_plan(grid)
+  if sampler == "dpmpp_2m":
+    return dpmpp_plan(grid, order=2)
+  if sampler == "dpmpp_2m_sde":
+    return dpmpp_plan(grid, order=2, sde=True)
+  if sampler == "dpmpp_3m":
+    return dpmpp_plan(grid, order=3)
+  return unipc_plan(grid)
+
+
+def sample(
+  denoise: Denoise,
+  x_T: Array,
+  key: Array,
+  schedule: Schedule,
+  *,
+  sampler: str = "ddim",
+  steps: int = 50,
+  prediction: str = "eps",
+  learn_sigma: bool = False,
+  eta: float = 0.0,
+  timestep_spacing: str = "trailing",
+  steps_offset: int = 0,
+  karras: bool = False,
+  variance: str | None = None,
+  clip_x0: float | None = None,
+  lcm_original_steps: int = 50,
+  x_init: Array | None = None,
+  strength: float = 1.0,
+  mask: Array | None = None,
+  resample: int = 1,
+  noise: Array | None = None,
+  return_trajectory: bool = False,
+):
+  """Draws samples x_0 (B, ...) from x_T ~ N(0, I) (B, ...), every step in one `lax.scan`.
+
+  Args:
+    denoise: (x (B, ...) VP-scaled, t (B,) float timesteps) -> model output.
+    x_T: unit Gaussian noise, any shape (B, ..., C).
+    key: PRNG key for stochastic samplers and editing (unused by deterministic sampling).
+    schedule: the training schedule.
+    sampler: one of SAMPLERS. steps: grid points, in [1, T]; every sampler makes `steps`
+      model evaluations except heun (2 * steps - 1).
+    prediction: the model's prediction type ("eps", "v", "x0"). learn_sigma: the output has
+      2C channels, the last C the variance interpolation (used by ddpm, ignored by others).
+    eta: DDIM noise (0 = deterministic). timestep_spacing ("leading" | "trailing" |
+      "linspace") and steps_offset pick the timesteps (`schedules.spaced_timesteps`).
+      karras: Karras sigmas (euler, euler_ancestral, heun, dpmpp_*, unipc).
+    variance: DDPM variance ("fixed_small" | "fixed_large" | "learned_range"); by default
+      learned_range with learn_sigma, else fixed_small. clip_x0: clip predicted x0 to +-value.
+    lcm_original_steps: the distillation grid of an LCM model.
+    x_init, strength: img2img, start from x_init noised at the last `strength` fraction of
+      the grid. mask: inpainting, 1 = keep x_init, same rank as x_T, dims equal or 1.
+      resample: RePaint resampling count (with mask; single-step samplers only).
+    noise: optional per-step noise (n, *x_T.shape) instead of noise drawn from `key`.
+    return_trajectory: also return the native-space states after every scan step
+      (n, *x.shape): VP x for ddpm/ddim/dpmpp/unipc/lcm, x / alpha for euler/heun.
+  Returns:
+    x_0 (B, ...), or (x_0, trajectory). Pure: jit it with the keyword arguments static.
+  """
+  schedules.check_prediction(prediction)
+  if variance is None:
+    variance = "learned_range" if learn_sigma else "fixed_small"
+  if (mask is not None or strength != 1.0) and x_init is None:
+    raise ValueError("img2img (strength < 1) and inpainting (mask) need x_init")
+  start = 0
+  if x_init is not None:
+    editing.check_init(x_init, x_T.shape)
+    start = editing.img2img_start(steps, strength)
+  if resample != 1 and mask is None:
+    raise ValueError("resample (RePaint) needs a mask")
+  plan = build_plan(
+    schedule,
+    sampler=sampler,
+    steps=steps,
+    eta=eta,
+    timestep_spacing=timestep_spacing,
+    steps_offset=steps_offset,
+    karras=karras,
+    variance=variance,
+    lcm_original_steps=lcm_original_steps,
+    start=start,
+  )
+  infos = dict(plan.infos)
+  if resample != 1:
+    if not plan.single_step:
+      raise ValueError(f"resample (RePaint) needs a sampler without history, not {sampler!r}")
+    idx, flags = editing.repaint_indices(plan.num_steps, resample)
+    infos = {k: v[idx] for k, v in infos.items()}
+    infos["renoise"] = jnp.asarray(flags)
+  k_init, k_steps = jax.random.split(key)
+  infos["key"] = jax.random.split(k_steps, infos["t"].shape[0])
+  plan = dataclasses.replace(plan, infos=infos)
+
+  if x_init is None or start == 0 and mask is not None:
+    x = plan.noise_scale * x_T
+  else:  # img2img: noise x_init to the first kept grid point (diffusers' add_noise).
+    x = editing.noised(x_init, x_T, plan.infos["a"][0], plan.infos["s"][0], plan.space)
+  paste = None
+  if mask is not None:
+    mask = editing.check_mask(mask, x_T.shape)
+    paste = editing.make_paste(x_init, mask, plan.space)
+    z = jax.random.normal(k_init, x_T.shape, x_T.dtype)
+    x0_ref = editing.noised(x_init, z, plan.infos["a"][0], plan.infos["s"][0], plan.space)
+    x = mask * x0_ref + (1.0 - mask) * x
+  predict = make_predict(denoise, plan.space, prediction, learn_sigma, clip_x0)
+  return run_plan(plan, predict, x, noise=noise, paste=paste, return_trajectory=return_trajectory)
