@@ -8,7 +8,11 @@ reads these `config.data` fields (all optional, defaults in brackets):
   resolution      output H = W [16 for digits, else 256]
   channels        1 or 3 [1 for digits, else 3]
   random_flip     horizontal flips with p = 1/2 [False for digits, else True]
-  captions        digits only: add "caption" ("a handwritten digit seven") [False]
+  captions        digits only: add "caption": True / "fixed" ("a handwritten digit seven") or
+                  "templates" (one of digits.CAPTION_TEMPLATES per image) [False]
+  text            a text-encoder config (dit/data/text.py: t5_path, max_length, demo_*): embed
+                  each batch's captions on the fly into "text" / "text_mask" [None]
+  max_text_length must equal text.max_length when set (train.py sizes the model by it)
   path            folder root, caption folder / JSONL manifest, or precomputed dir
   data_dir        TFDS data dir [$TFDS_DATA_DIR, then ~/tensorflow_datasets]
   split           TFDS split ["train"]

@@ -65,6 +65,9 @@ class Loader:
     resolution, channels: output image size for decoded images.
     random_flip: flip with probability 1/2.
     on_bad_image: "skip" (use the next readable record; counted and logged) or "raise".
+    text_embedder: optional captions (B,) -> (text (B, L, D), text_mask (B, L)), e.g. a
+      `dit.data.text.CaptionEmbedder`; batches with a "caption" then also get "text" and
+      "text_mask" (unless the source already stores them).
   """
 
   def __init__(
@@ -75,6 +78,7 @@ class Loader:
     channels: int,
     random_flip: bool,
     on_bad_image: str = "skip",
+    text_embedder: Any = None,
   ):
     if on_bad_image not in ("skip", "raise"):
       raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
@@ -83,6 +87,7 @@ class Loader:
     self.channels = channels
     self.random_flip = random_flip
     self.on_bad_image = on_bad_image
+    self.text_embedder = text_embedder
     self.bad_indices = set()  # Unreadable records seen (prefetching may read ahead).
     self._lock = threading.Lock()
 
@@ -127,12 +132,21 @@ class Loader:
   def load_batch(self, indices: np.ndarray, flips: np.ndarray) -> Batch:
     """Records `indices` (B,) -> batch, row i flipped where `flips[i]`."""
     if not hasattr(self.source, "read_batch"):
-      return collate([self(i, f) for i, f in zip(indices, flips, strict=True)])
+      return self._embed_captions(
+        collate([self(i, f) for i, f in zip(indices, flips, strict=True)])
+      )
     batch = dict(self.source.read_batch(indices, flips))
     if "image" in batch and batch["image"].shape[-1] != self.channels:
       image = batch["image"]
       batch["image"] = np.repeat(image.mean(-1, keepdims=True), self.channels, axis=-1)
-    return collate_arrays(batch)
+    return self._embed_captions(collate_arrays(batch))
+
+  def _embed_captions(self, batch: Batch) -> Batch:
+    if self.text_embedder is not None and "caption" in batch and "text" not in batch:
+      text, mask = self.text_embedder(batch["caption"])
+      batch["text"] = np.asarray(text, np.float32)
+      batch["text_mask"] = np.asarray(mask, np.int32)
+    return batch
 
 
 class TrainIterator(Iterator[Batch]):
@@ -256,6 +270,25 @@ def make_source(data_config: Any) -> Any:
   )
 
 
+def _text_embedder(data_config: Any, source: Any) -> Any:
+  """A caption embedder for `config.data.text`, or None (no text encoder configured)."""
+  text_config = data_config.get("text", None)
+  if not text_config:
+    return None
+  from dit.data import text  # Lazy: imports JAX and the T5 code.
+
+  embedder = text.CaptionEmbedder(text.make_text_encoder(text_config))
+  want = data_config.get("max_text_length", None)
+  if want is not None and want != embedder.encoder.max_length:
+    raise ValueError(
+      f"config.data.max_text_length={want} but the text encoder pads to "
+      f"config.data.text.max_length={embedder.encoder.max_length}; make them equal"
+    )
+  if hasattr(source, "all_captions"):
+    embedder.prefill(source.all_captions())
+  return embedder
+
+
 def make_train_iterator(
   data_config: Any,
   *,
@@ -288,6 +321,7 @@ def make_train_iterator(
     channels=get("channels", 1 if is_digits else 3),
     random_flip=get("random_flip", not is_digits),
     on_bad_image=get("on_bad_image", "skip"),
+    text_embedder=_text_embedder(data_config, source),
   )
   in_memory = is_digits or name == "precomputed"
   return TrainIterator(

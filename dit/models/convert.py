@@ -387,3 +387,146 @@ def convert_pixart(model_dir: str, null_caption: np.ndarray | None = None) -> tu
   cfg = hub_files.read_config(model_dir)
   weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
   return pixart_params(weights, cfg, repr(model_dir), null_caption)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: a public checkpoint -> an Orbax checkpoint + config.json that dit.sample reads.
+#
+#   python -m dit.models.convert --kind=dit --source=DiT-XL-2-256x256.pt --workdir=runs/dit_xl \
+#       [--vae=/models/sd-vae-ft-ema]
+#   python -m dit.models.convert --kind=pixart --source=/models/PixArt-XL-2-512x512 \
+#       --workdir=runs/pixart [--t5=/models/t5-v1_1-xxl --vae=/models/sd-vae-ft-ema]
+#   python -m dit.sample --workdir=runs/dit_xl --labels=207,360 --num=8
+
+KINDS = ("dit", "diffusers_dit", "pixart")
+# The config each kind's settings start from (model fields are then replaced by the weights').
+_BASE_CONFIGS = {
+  "dit": "imagenet256_dit.py",
+  "diffusers_dit": "imagenet256_dit.py",
+  "pixart": "t2i_pixart.py",
+}
+
+
+def _default_config_path(kind: str) -> str:
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.join(root, "configs", _BASE_CONFIGS[kind])
+
+
+def converted_config(base, model_kwargs: dict, *, t5: str = "", vae: str = ""):
+  """`base` (a ConfigDict) with config.model from the checkpoint and the model directories set.
+
+  Returns a new locked ConfigDict (no field references: what config.json holds).
+  """
+  import json
+
+  import ml_collections
+
+  d = json.loads(base.to_json_best_effort())
+  d["model"].update(model_kwargs)
+  m = d["model"]
+  d.setdefault("data", {}).update(
+    resolution=m["input_size"], channels=m["in_channels"], num_classes=m["num_classes"]
+  )
+  d["vae"] = {"path": vae}
+  if m.get("caption_channels", 0):
+    text = dict(d.get("text", {}))
+    text.update(t5_path=t5, max_length=m.get("caption_length", 120))
+    d["text"] = d["data"]["text"] = text
+    d["data"]["max_text_length"] = text["max_length"]
+    d.setdefault("sample", {})["prompt_template"] = ""  # Real text models need --prompt.
+  config = ml_collections.ConfigDict(d)
+  config.lock()
+  return config
+
+
+def write_checkpoint(params: dict, config, workdir: str) -> str:
+  """Writes `params` as step 0 of a dit.train run in `workdir` (Orbax ckpt/ + config.json).
+
+  The state is what dit.train.init_state builds: EMA = params, a fresh optimizer state.
+  Returns the absolute workdir.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from dit import train
+  from dit.cli import UserError
+
+  workdir = train.prepare_workdir(workdir)
+  ckpt_dir = os.path.join(workdir, "ckpt")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise UserError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir.")
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  tx, _ = train.make_optimizer(config)
+  state = {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "ema_params": params,
+    "opt_state": tx.init(params),
+    "rng": jax.random.split(jax.random.PRNGKey(config.seed))[1],
+    "bad_steps": jnp.zeros((), jnp.int32),
+    "skipped_steps": jnp.zeros((), jnp.int32),
+  }
+  mngr = train.checkpoint_manager(workdir, config)
+  train.save_checkpoint(mngr, state, {"step": 0}, force=True)
+  mngr.wait_until_finished()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return workdir
+
+
+def _null_caption(t5: str, length: int) -> np.ndarray:
+  """T5 embeddings of the empty prompt, (length, D): PixArt's negative prompt."""
+  from dit.models.t5 import TextEncoder
+
+  emb, _ = TextEncoder.from_pretrained(t5, max_length=length).encode([""])
+  return np.asarray(emb[0], np.float32)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from absl import flags
+
+  from dit.cli import UserError, load_config
+
+  f = flags.FLAGS
+  if not f.source or not f.workdir or f.kind not in KINDS:
+    raise UserError(f"--source, --workdir and --kind (one of {KINDS}) are required.")
+  try:
+    if f.kind == "dit":
+      params, kwargs = convert_dit_checkpoint(f.source, num_heads=f.num_heads)
+    elif f.kind == "diffusers_dit":
+      params, kwargs = convert_diffusers_dit(f.source)
+    else:
+      null = _null_caption(f.t5, f.caption_length) if f.t5 else None
+      params, kwargs = convert_pixart(f.source, null_caption=null)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    raise UserError(str(e)) from e
+  base = load_config(f.config or _default_config_path(f.kind))
+  config = converted_config(base, kwargs, t5=f.t5 or "", vae=f.vae or "")
+  workdir = write_checkpoint(params, config, f.workdir)
+  print(f"wrote {workdir}/ckpt and {workdir}/config.json ({f.kind}: {kwargs})")
+
+
+def define_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_string("source", None, "Checkpoint file (.pt / .safetensors) or directory.")
+  flags.DEFINE_enum("kind", None, list(KINDS), "Checkpoint layout.")
+  flags.DEFINE_string("workdir", None, "Output: ckpt/ and config.json, as dit.train writes.")
+  flags.DEFINE_string("config", None, "Base config file[:arg]; default by --kind.")
+  flags.DEFINE_string("t5", None, "T5 directory: config.text.t5_path, PixArt's null caption.")
+  flags.DEFINE_string("vae", None, "VAE directory for config.vae.path.")
+  flags.DEFINE_integer("num_heads", None, "Heads of an official DiT (default by width).")
+  flags.DEFINE_integer("caption_length", 120, "PixArt tokens per caption (120 alpha, 300 sigma).")
+
+
+def cli() -> None:
+  """Console-script-style entry point."""
+  from dit.cli import run_command
+
+  define_flags()
+  run_command(main)
+
+
+if __name__ == "__main__":
+  cli()

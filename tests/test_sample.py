@@ -1,0 +1,130 @@
+"""dit.sample on converted public checkpoints: official DiT layout -> convert command -> PNG."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+from flax import traverse_util
+from PIL import Image
+from safetensors.numpy import save_file
+
+from dit import sample as sample_lib
+from dit.cli import UserError
+from dit.models import convert
+from dit.models.dit import DiT, example_inputs, sincos_pos_embed_2d
+
+KWARGS = dict(
+  input_size=8,
+  patch_size=2,
+  in_channels=4,
+  hidden_size=32,
+  depth=2,
+  num_heads=2,
+  num_classes=10,
+  learn_sigma=True,
+  adaln="zero",
+)
+
+
+def official_state_dict(params: dict, kwargs: dict) -> dict:
+  """Flax params -> the official DiT release's state dict (the inverse of convert's rules)."""
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
+  p, c, d = kwargs["patch_size"], kwargs["in_channels"], kwargs["hidden_size"]
+  sd = {}
+  for path, (key,), kind in convert.dit_rules(kwargs["depth"], kwargs["num_classes"]):
+    w = flat[path]
+    if kind == "dense":
+      w = w.T
+    elif kind == "patch":
+      w = w.reshape(p, p, c, d).transpose(3, 2, 0, 1)
+    sd[key] = np.ascontiguousarray(w, np.float32)
+  grid = kwargs["input_size"] // p
+  sd["pos_embed"] = sincos_pos_embed_2d(d, grid, grid)[None]
+  return sd
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+  """A tiny random DiT saved as an official-layout .safetensors: (path, params)."""
+  model = DiT(**KWARGS)
+  params = model.init(jax.random.PRNGKey(0), *example_inputs(model))["params"]
+  # Non-zero everywhere (DiT zero-inits adaLN and the final layer), so every tensor matters.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  leaves = [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+  params = jax.tree.unflatten(tree, leaves)
+  path = str(tmp_path_factory.mktemp("official") / "DiT-tiny.safetensors")
+  save_file(official_state_dict(params, KWARGS), path)
+  return path, params
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True
+  )
+
+
+def test_convert_command_then_sample(official, tmp_path):
+  path, params = official
+  workdir = tmp_path / "dit"
+  # The head count is not in the weights; the default (width / 64) would be 1.
+  result = _run(
+    "dit.models.convert", "--kind=dit", f"--source={path}", f"--workdir={workdir}", "--num_heads=2"
+  )
+  assert result.returncode == 0, result.stderr
+  config = json.loads((workdir / "config.json").read_text())
+  assert {k: config["model"][k] for k in KWARGS} == KWARGS
+  assert config["vae"]["path"] == ""
+  # The checkpoint restores to the original params, through the config.json fallback.
+  restored_config = sample_lib.load_workdir_config(str(workdir))
+  _, restored = sample_lib.load_params(restored_config, str(workdir))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, restored)
+
+  out = tmp_path / "grid.png"
+  result = _run(
+    "dit.sample", f"--workdir={workdir}", "--num=4", "--steps=3", f"--out={out}", "--labels=1,7"
+  )
+  assert result.returncode == 0, result.stderr
+  assert Image.open(out).size[0] >= 16
+
+  # A second conversion into the same workdir is refused.
+  again = _run("dit.models.convert", "--kind=dit", f"--source={path}", f"--workdir={workdir}")
+  assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
+def test_convert_command_errors(tmp_path):
+  missing = _run(
+    "dit.models.convert", "--kind=dit", f"--source={tmp_path}/nope.pt", f"--workdir={tmp_path}/w"
+  )
+  assert missing.returncode == 2 and "No checkpoint file" in missing.stderr
+  no_source = _run("dit.models.convert", "--kind=pixart", f"--workdir={tmp_path}/w")
+  assert no_source.returncode == 2 and "--source" in no_source.stderr
+
+
+def test_load_workdir_config_and_errors(tmp_path, tiny):
+  with pytest.raises(UserError, match="config.json"):
+    sample_lib.load_workdir_config(str(tmp_path))
+  config = tiny()
+  (tmp_path / "config.json").write_text(config.to_json())
+  loaded = sample_lib.load_workdir_config(str(tmp_path))
+  assert loaded.model.hidden_size == config.model.hidden_size and loaded.is_locked
+  with pytest.raises(UserError, match="No checkpoints"):
+    sample_lib.load_params(loaded, str(tmp_path))
+
+
+def test_sample_cond_labels_and_prompts():
+  config = tiny_config()
+  cond, per_row = sample_lib.sample_cond(config, 20, None, None)
+  np.testing.assert_array_equal(cond["label"], sample_lib.grid_labels(20, 10))
+  cond, _ = sample_lib.sample_cond(config, 4, None, ["3", "5"])
+  np.testing.assert_array_equal(cond["label"], [3, 5, 3, 5])
+  with pytest.raises(UserError, match="--labels must be in"):
+    sample_lib.sample_cond(config, 4, None, ["10"])
+  with pytest.raises(UserError, match="--prompt needs a text-to-image model"):
+    sample_lib.sample_cond(config, 4, ["a seven"], None)
