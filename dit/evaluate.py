@@ -22,7 +22,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -36,27 +35,21 @@ METRICS = ("digits", "fid")
 
 
 def generate_samples(config, model, params, key, num: int, batch_size: int):
-  """(num, H, W, C) images in [-1, 1] and their labels (num,), class-balanced."""
-  labels = sample_lib.grid_labels(num, config.model.num_classes or 1)
+  """(num, H, W, C) images in [-1, 1] and their labels (num,), class-balanced.
+
+  Class models are conditioned on the labels, text models on the digit prompts of
+  config.sample.prompt_template; latents are decoded with the VAE of config.vae.path.
+  """
+  labels = sample_lib.grid_labels(num, sample_lib.grid_rows(config) or 1)
   images = []
   for i, start in enumerate(range(0, num, batch_size)):
     chunk = labels[start : start + batch_size]
     # Pad the last batch so every batch compiles to the same program.
     padded = np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk
-    cond = {"label": jnp.asarray(padded)} if config.model.num_classes else None
+    cond = sample_lib.label_cond(config, padded)
     out = sample_lib.generate(config, model, params, cond, jax.random.fold_in(key, i), batch_size)
-    images.append(np.asarray(decode(config, out))[: len(chunk)])
+    images.append(np.asarray(sample_lib.decode(config, out))[: len(chunk)])
   return np.concatenate(images), labels
-
-
-def decode(config, images):
-  """Latents -> pixels with the VAE of config.vae.path; pixels pass through."""
-  vae_path = config.get("vae", {}).get("path", "") if "vae" in config else ""
-  if not vae_path:
-    return images
-  from dit.models import vae as vae_lib
-
-  return vae_lib.VAE.load(vae_path).decode(images)
 
 
 def evaluate(config: ml_collections.ConfigDict, model, params, key: jax.Array) -> dict:
