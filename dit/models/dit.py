@@ -28,6 +28,9 @@ xavier_uniform = nn.initializers.xavier_uniform()
 normal_02 = nn.initializers.normal(stddev=0.02)
 zeros = nn.initializers.zeros
 
+# How the condition enters the blocks (DiT Figure 5); see DiT.conditioning.
+CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+
 
 # ----------------------------------------------------------------------------------------------
 # Fixed embeddings.
@@ -145,18 +148,28 @@ class DiTBlock(nn.Module):
   qk_norm: bool = False
   attention_impl: str = "xla"
   dtype: Any = jnp.float32
+  gated: bool = True  # False: DiT's plain "adaLN" ablation (shift/scale only, default init).
 
   @nn.compact
   def __call__(self, x, c, y=None, y_mask=None):
     d = self.hidden_size
-    if self.adaln == "zero":
+    if self.adaln == "zero" and not self.gated:
+      # DiT Figure 5 "adaLN": regress shift and scale only (gates fixed to 1), from a
+      # default-initialised linear layer, so a fresh block is not the identity.
+      mod = nn.Dense(
+        4 * d, kernel_init=xavier_uniform, dtype=self.dtype, name="adaLN_modulation_1"
+      )(nn.silu(c))
+      shift_msa, scale_msa, shift_mlp, scale_mlp = jnp.split(mod, 4, axis=-1)
+      gate_msa = gate_mlp = jnp.ones_like(shift_msa)
+    elif self.adaln == "zero":
       mod = nn.Dense(6 * d, kernel_init=zeros, dtype=self.dtype, name="adaLN_modulation_1")(
         nn.silu(c)
       )
     else:
       table = self.param("scale_shift_table", _scale_shift_init, (6, d))
       mod = (table[None] + c.reshape(-1, 6, d)).reshape(-1, 6 * d).astype(self.dtype)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    if self.gated:
+      shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
     attn = SelfAttention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype, name="attn")
     x = x + gate_msa[:, None] * attn(modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa))
@@ -171,6 +184,35 @@ class DiTBlock(nn.Module):
     return x
 
 
+class PlainBlock(nn.Module):
+  """Pre-LayerNorm ViT block without adaLN (DiT Figure 5's in-context and cross-attention).
+
+  x: (B, N, D) tokens; c: (B, M, D) condition tokens that a cross-attention after the
+  self-attention attends to, or None (in-context: the condition tokens are already in x).
+  """
+
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  attention_impl: str = "xla"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c=None):
+    d = self.hidden_size
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+    attn = SelfAttention(self.num_heads, self.qk_norm, self.attention_impl, self.dtype, name="attn")
+    x = x + attn(norm("norm1")(x))
+    if c is not None:
+      cross = CrossAttention(
+        self.num_heads, self.qk_norm, self.attention_impl, self.dtype, name="cross_attn"
+      )
+      x = x + cross(norm("norm_cross")(x), c)
+    mlp = Mlp(int(d * self.mlp_ratio), d, self.dtype, name="mlp")
+    return x + mlp(norm("norm2")(x))
+
+
 class FinalLayer(nn.Module):
   """adaLN (zero-init for "zero", scale_shift_table for "single") then a zero-init linear."""
 
@@ -178,11 +220,20 @@ class FinalLayer(nn.Module):
   out_features: int
   adaln: str = "zero"
   dtype: Any = jnp.float32
+  conditioning: str = "adaln_zero"  # See DiT.conditioning.
 
   @nn.compact
   def __call__(self, x, c):
     d = self.hidden_size
-    if self.adaln == "zero":
+    if self.conditioning in ("cross_attn", "in_context"):
+      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_final")(x)
+      return nn.Dense(self.out_features, kernel_init=zeros, dtype=self.dtype, name="linear")(x)
+    if self.conditioning == "adaln":
+      mod = nn.Dense(
+        2 * d, kernel_init=xavier_uniform, dtype=self.dtype, name="adaLN_modulation_1"
+      )(nn.silu(c))
+      shift, scale = jnp.split(mod, 2, axis=-1)
+    elif self.adaln == "zero":
       mod = nn.Dense(2 * d, kernel_init=zeros, dtype=self.dtype, name="adaLN_modulation_1")(
         nn.silu(c)
       )
@@ -232,6 +283,13 @@ class DiT(nn.Module):
       and the output are float32. bf16 outputs agree with float32 to within 5% of the
       output's standard deviation (max abs; about 0.7% on average; tests/test_model.py).
     remat: rematerialise each block in the backward pass (nn.remat).
+    conditioning: how the timestep + label embedding enters the blocks (DiT Figure 5):
+      "adaln_zero" (the default: adaLN modulation with zero-initialised gates, or PixArt's
+      adaLN-single with adaln="single"); "adaln" (shift and scale only, no gates, default
+      init); "cross_attn" (timestep and label embeddings as a 2-token sequence that every
+      block cross-attends to after its self-attention; plain LayerNorm); "in_context" (the
+      2 embeddings appended to the image tokens and dropped before the final layer; plain
+      LayerNorm). The variants other than "adaln_zero" need adaln="zero", caption_channels=0.
   """
 
   input_size: int = 32
@@ -255,6 +313,7 @@ class DiT(nn.Module):
   attention_impl: str = "xla"
   dtype: Any = "float32"
   remat: bool = False
+  conditioning: str = "adaln_zero"
 
   @property
   def out_channels(self) -> int:
@@ -263,6 +322,14 @@ class DiT(nn.Module):
   def _check_fields(self):
     if self.adaln not in ("zero", "single"):
       raise ValueError(f"adaln must be 'zero' or 'single', got {self.adaln!r}")
+    if self.conditioning not in CONDITIONINGS:
+      raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+    if self.conditioning != "adaln_zero" and (self.adaln != "zero" or self.caption_channels):
+      raise ValueError(
+        f"conditioning={self.conditioning!r} needs adaln='zero' and caption_channels=0 "
+        f"(class-conditional DiT), got adaln={self.adaln!r}, "
+        f"caption_channels={self.caption_channels}"
+      )
     if self.null_caption not in ("learned", "frozen"):
       raise ValueError(f"null_caption must be 'learned' or 'frozen', got {self.null_caption!r}")
     if self.hidden_size % self.num_heads:
@@ -340,14 +407,21 @@ class DiT(nn.Module):
     tokens = tokens + jnp.asarray(pos, dtype)[None]
 
     # Conditioning vector: timestep (+ class label).
-    c = TimestepEmbedder(d, freq_shift=self.time_freq_shift, dtype=dtype, name="t_embedder")(t)
+    c = t_emb = TimestepEmbedder(
+      d, freq_shift=self.time_freq_shift, dtype=dtype, name="t_embedder"
+    )(t)
+    cond_tokens = []  # [timestep, label] for cross-attention / in-context conditioning.
     if self.num_classes > 0:
       labels = jnp.asarray(cond.get("label", jnp.full((b,), self.num_classes)), jnp.int32)
       labels = jnp.where(drop, self.num_classes, labels)
       table = nn.Embed(self.num_classes + 1, d, embedding_init=normal_02, name="y_embedder")
-      c = c + table(labels).astype(dtype)
+      y_emb = table(labels).astype(dtype)
+      cond_tokens.append(y_emb)
+      c = c + y_emb
     if self.size_conditioning:
-      c = c + self._size_embedding(cond, b, dtype)
+      size = self._size_embedding(cond, b, dtype)
+      c, t_emb = c + size, t_emb + size
+    cond_tokens.insert(0, t_emb)
 
     # Caption: replace dropped rows by the null caption, then project to the hidden size.
     y = y_mask = None
@@ -359,6 +433,19 @@ class DiT(nn.Module):
     else:
       block_c = c
 
+    if self.conditioning in ("cross_attn", "in_context"):
+      tokens = self._plain_blocks(tokens, jnp.stack(cond_tokens, axis=1), dtype)
+    else:
+      tokens = self._adaln_blocks(tokens, block_c, y, y_mask, dtype)
+
+    out = FinalLayer(
+      d, p * p * self.out_channels, self.adaln, dtype, self.conditioning, name="final_layer"
+    )(tokens, c)
+    out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw, p=p, q=p)
+    return out.astype(jnp.float32)
+
+  def _adaln_blocks(self, tokens, block_c, y, y_mask, dtype):
+    d = self.hidden_size
     block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
       tokens = block_cls(
@@ -370,12 +457,28 @@ class DiT(nn.Module):
         qk_norm=self.qk_norm,
         attention_impl=self.attention_impl,
         dtype=dtype,
+        gated=self.conditioning == "adaln_zero",
         name=f"blocks_{i}",
       )(tokens, block_c, y, y_mask)
+    return tokens
 
-    out = FinalLayer(d, p * p * self.out_channels, self.adaln, dtype, name="final_layer")(tokens, c)
-    out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw, p=p, q=p)
-    return out.astype(jnp.float32)
+  def _plain_blocks(self, tokens, cond_tokens, dtype):
+    """Blocks conditioned on cond_tokens (B, M, D), [timestep, label] embeddings, M <= 2."""
+    n = tokens.shape[1]
+    if self.conditioning == "in_context":
+      tokens = jnp.concatenate([tokens, cond_tokens], axis=1)
+    block_cls = nn.remat(PlainBlock) if self.remat else PlainBlock
+    for i in range(self.depth):
+      tokens = block_cls(
+        hidden_size=self.hidden_size,
+        num_heads=self.num_heads,
+        mlp_ratio=self.mlp_ratio,
+        qk_norm=self.qk_norm,
+        attention_impl=self.attention_impl,
+        dtype=dtype,
+        name=f"blocks_{i}",
+      )(tokens, cond_tokens if self.conditioning == "cross_attn" else None)
+    return tokens[:, :n]
 
   def _size_embedding(self, cond, b, dtype):
     """PixArt-alpha: (B, 2) resolution and (B, 1) aspect ratio -> (B, D), each scalar embedded."""

@@ -1,0 +1,1 @@
+"""Experiments on top of `dit`: scaling sweeps and ablations (see docs/ablations.md)."""
