@@ -1,7 +1,9 @@
 """The default demo: a small class-conditional DiT on scikit-learn's 8x8 digits.
 
-Images are upsampled to 16x16x1, so with patch size 2 the DiT sees 64 tokens. Trains
-on 2 CPU cores in a few minutes and reaches >= 90% conditional accuracy (eval.json).
+The digits stay at their native 8x8x1, so with patch size 2 the DiT sees 16 tokens. Trains
+on 2 CPU cores in a few minutes and reaches >= 90% conditional accuracy (eval.json); the
+recipe (min-SNR weighting, lr 2e-3) was picked because the same compute at 16x16 / patch 4
+with uniform weighting and lr 1e-3 reached only ~40%.
 
   python -m dit.train --config=configs/digits.py --workdir=runs/digits
 """
@@ -12,28 +14,33 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 4000
-  c.batch_size = 128  # Global batch, split over all devices.
+  c.total_steps = 2000
+  c.batch_size = 64  # Global batch, split over all devices.
   c.grad_accum_steps = 1  # Micro-batches per step (lax.scan), each batch_size / steps.
   c.parallelism = "pmap"  # "pmap" (data parallel) | "mesh" (jit over a device mesh).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes (one may be -1: all remaining devices); arrays under fsdp_min_size
+  # elements are not FSDP-sharded.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2**14))
+  # "" or a jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...): remat
+  # of the whole forward per (micro-)batch; per-block remat is config.model.remat.
+  c.step_remat_policy = ""
   c.distributed = False  # jax.distributed.initialize() from the environment (multi-host).
 
   c.log_every = 100
   c.ckpt_every = 1000
   c.keep_ckpts = 3
-  c.sample_every = 2000  # Writes samples/step_XXXXXX.png; 0 disables.
+  c.sample_every = 1000  # Writes samples/step_XXXXXX.png; 0 disables.
   c.max_bad_steps = 20  # Stop after this many consecutive non-finite steps.
   c.progress_bar = True
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"
-  c.data.resolution = 16
+  c.data.resolution = 8
   c.data.channels = 1
   c.data.num_classes = 10
 
   c.model = ml_collections.ConfigDict()
-  c.model.input_size = 16
+  c.model.input_size = 8
   c.model.patch_size = 2
   c.model.in_channels = 1
   c.model.hidden_size = 128
@@ -53,13 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.beta_start = 1e-4
   c.diffusion.beta_end = 0.02
   c.diffusion.prediction = "eps"
-  c.diffusion.weighting = "uniform"
+  c.diffusion.weighting = "min_snr"  # "uniform" | "min_snr" (Hang et al. 2023).
   c.diffusion.min_snr_gamma = 5.0
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.schedule = "cosine"  # "constant" | "cosine", after linear warmup.
-  c.optim.warmup_steps = 200
+  c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999

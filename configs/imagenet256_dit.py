@@ -36,7 +36,12 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   c.batch_size = 256  # Global batch, split over all devices.
   c.grad_accum_steps = 1
   c.parallelism = "pmap"  # "pmap" | "mesh".
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes (one may be -1: all remaining devices); arrays under fsdp_min_size
+  # elements are not FSDP-sharded.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2**14))
+  # "" or a jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...): remat
+  # of the whole forward per (micro-)batch; per-block remat is config.model.remat.
+  c.step_remat_policy = ""
   c.distributed = False
 
   c.log_every = 100

@@ -1,16 +1,20 @@
 """Devices, meshes and sharding: the helpers behind the train loop's two paths.
 
-- "pmap": data parallel over local devices; arrays carry a leading device axis.
+- "pmap": data parallel; the state carries a leading device axis (`stack_for_pmap`),
+  each device gets B / devices rows of the global batch (`pmap_batch`).
 - "mesh": `jax.jit` over a `Mesh` with axes ("data", "fsdp", "tensor"). Parameters and
-  optimizer state are sharded by `param_sharding` (FSDP over the largest divisible
-  dimension, tensor parallel by name rules), the batch over ("data", "fsdp").
+  optimizer state are sharded by `state_sharding` (tensor parallel by name rules, then FSDP
+  over the largest divisible dimension), the batch over ("data", "fsdp").
 
 Multi-host: `initialize_distributed()` then every process runs the same program; each
-feeds its own shard of the global batch (`global_batch`).
+feeds its own rows of the global batch (`global_batch`, `pmap_batch`). The devices of a
+mesh are in `jax.devices()` order, process by process, so process i holds rows
+[i * B / P, (i + 1) * B / P) of every global batch, as the input pipeline reads them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -81,12 +85,17 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+  """ "/"-joined keys of a pytree path: ("params", "blocks_0", "attn", "qkv", "kernel")."""
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, min_fsdp_size: int = 2**14) -> P:
-  """PartitionSpec of one parameter: tensor rules by name, then FSDP on the largest dim."""
+def param_spec(path: str, shape: tuple[int, ...], mesh, min_fsdp_size: int = 2**14) -> P:
+  """PartitionSpec of one array: tensor rules by name, then FSDP on the largest free dim.
+
+  Arrays smaller than `min_fsdp_size` elements stay replicated over "fsdp" (sharding them
+  would cost more in collectives than it saves in memory).
+  """
   spec: list = [None] * len(shape)
   tensor = mesh.shape["tensor"]
   if tensor > 1:
@@ -96,18 +105,19 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, min_fsdp_size: int
         break
   fsdp = mesh.shape["fsdp"]
   if fsdp > 1 and int(np.prod(shape)) >= min_fsdp_size:
-    free = [d for d in np.argsort(shape)[::-1] if spec[d] is None and shape[d] % fsdp == 0]
+    by_size = np.argsort(shape, stable=True)[::-1]
+    free = [d for d in by_size if spec[d] is None and shape[d] % fsdp == 0]
     if free:
       spec[int(free[0])] = "fsdp"
   return P(*spec)
 
 
-def state_sharding(abstract_state, mesh: Mesh):
+def state_sharding(abstract_state, mesh: Mesh, min_fsdp_size: int = 2**14):
   """NamedShardings for a pytree of arrays (params, EMA, optimizer state alike)."""
 
   def leaf(path, x):
     shape = tuple(getattr(x, "shape", ()))
-    return NamedSharding(mesh, param_spec(_path_str(path), shape, mesh))
+    return NamedSharding(mesh, param_spec(path_str(path), shape, mesh, min_fsdp_size))
 
   return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
@@ -116,34 +126,70 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
-  """Assembles each process's batch shard into global arrays with `sharding`."""
+  """Assembles each process's batch rows into global arrays with `sharding`."""
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def gather(tree, mesh: Mesh):
+  """The same arrays, replicated on every device of `mesh` (an all-gather of shards)."""
+  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
+def local_copy(tree):
+  """Replicated global arrays -> their copy on this process's first device (no transfer)."""
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+def first_value(x) -> np.ndarray:
+  """Host value of a replicated array (or of row 0 of a pmap output), without collectives."""
+  x = x.addressable_data(0) if isinstance(x, jax.Array) else x
+  value = np.asarray(x)
+  return value.reshape(-1)[0] if value.size == 1 or value.ndim == 0 else value
+
+
 # ---- pmap path ----------------------------------------------------------------
+# The pmap step takes and returns arrays with a leading axis of one row per device,
+# sharded P("batch") over `pmap_mesh()` (how pmap lays out its outputs since JAX 0.4.31).
+# Keeping them global jax.Arrays lets the same code run on one or many hosts.
 
 
-def replicate(tree):
-  """Stacks a pytree along a new leading axis of size `jax.local_device_count()`."""
+def pmap_mesh() -> Mesh:
+  """A 1-D mesh ("batch",) over all devices, in pmap's device order."""
+  return Mesh(np.asarray(jax.devices()), ("batch",))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def stack_for_pmap(tree, mesh: Mesh):
+  """Replicated arrays (...) -> (devices, ...) with one row on each device."""
+  n = mesh.size
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n, *x.shape)), tree)
+  return jax.lax.with_sharding_constraint(stacked, NamedSharding(mesh, P("batch")))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def unstack_from_pmap(tree, mesh: Mesh):
+  """(devices, ...) -> (...) replicated: row 0 (all rows are equal after a pmean step)."""
+  return jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[0], tree), replicated(mesh))
+
+
+def pmap_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """This process's (B_local, ...) rows -> global (devices, B / devices, ...) arrays."""
   n = jax.local_device_count()
-  return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n, *jnp.shape(x))), tree)
-
-
-def unreplicate(tree):
-  return jax.tree.map(lambda x: x[0], tree)
-
-
-def shard_batch(batch: dict) -> dict:
-  """(B_local, ...) -> (local_devices, B_local / local_devices, ...)."""
-  n = jax.local_device_count()
+  sharding = NamedSharding(mesh, P("batch"))
 
   def split(x):
     x = np.asarray(x)
     if x.shape[0] % n:
       raise ValueError(f"Per-process batch {x.shape[0]} is not divisible by {n} local devices.")
-    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    x = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, x, (mesh.size, *x.shape[1:]))
 
-  return jax.tree.map(split, batch)
+  return jax.tree.map(split, local_batch)

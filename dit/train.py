@@ -3,12 +3,25 @@
   python -m dit.train --config=configs/digits.py --workdir=runs/digits [--config.key=value]
 
 Sections: workdir and logging -> devices and mesh -> input pipeline -> model, optimizer,
-EMA -> update step -> restore checkpoint -> loop (step, log, sample, save).
+EMA -> update step -> restore checkpoint -> loop (step, log, sample, evaluate, save).
 
 Randomness: every example's timestep, noise and label drop come from
 `fold_in(fold_in(seed_key, step), global_example_index)`, so a run is the same on any
-number of devices (up to float summation order) and bit-identical when rerun on the
-same device count; a resumed run continues the exact same stream.
+number of devices, hosts or micro-batches (up to float summation order) and bit-identical
+when rerun on the same devices; a resumed run continues the exact same stream.
+
+Parallelism (config.parallelism):
+- "pmap": `jax.pmap` data parallelism; the state is replicated (a leading device axis),
+  gradients are averaged with `lax.pmean`.
+- "mesh": `jax.jit` over a ("data", "fsdp", "tensor") mesh (config.mesh); parameters and
+  optimizer state are sharded by dit.parallel's rules, the batch over data x fsdp.
+Both save the same checkpoint layout (unstacked, unsharded shapes), so a checkpoint restores
+onto any device count, mesh or path.
+
+Failure handling: a non-finite loss or gradient skips the update (counted); more than
+config.max_bad_steps consecutive ones stop the run. SIGTERM saves a checkpoint at the next
+step boundary and exits with 143. A checkpoint that cannot be read is skipped for the
+previous one, with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import flags, logging
@@ -37,16 +51,25 @@ from dit.models import dit as dit_model
 
 State = dict[str, Any]
 
+# Policies of `jax.checkpoint` that take no arguments (config.step_remat_policy).
+REMAT_POLICIES = (
+  "everything_saveable",
+  "nothing_saveable",
+  "dots_saveable",
+  "checkpoint_dots",
+  "dots_with_no_batch_dims_saveable",
+  "checkpoint_dots_with_no_batch_dims",
+)
+
 
 # ---- Config checks and workdir -------------------------------------------------
 
 
 def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> None:
   """Raises `UserError` for settings that cannot work, naming the value."""
-  if config.batch_size <= 0:
-    raise UserError(f"config.batch_size must be positive, got {config.batch_size}.")
-  if config.total_steps <= 0:
-    raise UserError(f"config.total_steps must be positive, got {config.total_steps}.")
+  for name in ("batch_size", "total_steps", "log_every", "ckpt_every", "keep_ckpts"):
+    if config[name] <= 0:
+      raise UserError(f"config.{name} must be positive, got {config[name]}.")
   if config.parallelism not in ("pmap", "mesh"):
     raise UserError(f"config.parallelism must be 'pmap' or 'mesh', got {config.parallelism!r}.")
   per_step = num_data_parallel * config.grad_accum_steps
@@ -55,6 +78,22 @@ def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> N
       f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
       f"({num_data_parallel} devices) x config.grad_accum_steps ({config.grad_accum_steps})."
     )
+  policy = config.get("step_remat_policy", "")
+  if policy and policy not in REMAT_POLICIES:
+    raise UserError(
+      f"config.step_remat_policy must be '' or one of {REMAT_POLICIES}, got {policy!r}."
+    )
+  if eval_every(config):
+    from dit import evaluate as evaluate_lib
+
+    if config.eval.metric not in evaluate_lib.METRICS:
+      raise UserError(
+        f"config.eval.metric must be one of {evaluate_lib.METRICS}, got {config.eval.metric!r}."
+      )
+    if config.eval.best_mode not in ("min", "max"):
+      raise UserError(
+        f"config.eval.best_mode must be 'min' or 'max', got {config.eval.best_mode!r}."
+      )
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -65,13 +104,18 @@ def prepare_workdir(workdir: str) -> str:
     raise UserError(f"The parent of --workdir does not exist: {parent!r}.")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")  # One per host process.
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
     raise UserError(f"--workdir {workdir!r} is not writable: {e.strerror}.") from e
   return workdir
+
+
+def eval_every(config: ml_collections.ConfigDict) -> int:
+  """config.eval.every, 0 (no evaluation during training) for configs without an eval section."""
+  return config.eval.every if "eval" in config else 0
 
 
 # Sections whose change makes an old checkpoint meaningless for this run.
@@ -85,7 +129,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     return
   with open(path) as f:
     old = json.load(f)
-  new = json.loads(config.to_json())
+  new = json.loads(config.to_json_best_effort())
   diffs = []
 
   def walk(a, b, prefix):
@@ -131,7 +175,7 @@ def model_input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]
 
 
 def init_state(config: ml_collections.ConfigDict, model, tx) -> State:
-  """The whole training state as a pytree: what a checkpoint holds."""
+  """The whole training state as a pytree: what a checkpoint holds (float32 params)."""
   key = jax.random.PRNGKey(config.seed)
   init_key, train_key = jax.random.split(key)
   x = jnp.zeros((1, *model_input_shape(config)), jnp.float32)
@@ -170,10 +214,19 @@ def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | No
   """Returns `update(state, batch) -> (state, metrics)`, pure and jittable.
 
   With `axis_name` it runs inside pmap: the batch is this device's slice, gradients
-  and metrics are averaged over the axis.
+  and metrics are averaged over the axis. Mixed precision is the model's compute dtype
+  (config.model.dtype): params, gradients, optimizer state and EMA stay float32.
   """
   d, o = config.diffusion, config.optim
   drop_prob = config.model.get("class_dropout_prob", 0.0)
+  policy = config.get("step_remat_policy", "")
+
+  def forward(params, x_t, t, cond):
+    return model.apply({"params": params}, x_t, t, cond)
+
+  if policy:
+    # Recompute the forward in the backward pass, keeping what the policy saves.
+    forward = jax.checkpoint(forward, policy=getattr(jax.checkpoint_policies, policy))
 
   def example_keys(state, num):
     offset = jax.lax.axis_index(axis_name) * num if axis_name else 0
@@ -184,17 +237,13 @@ def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | No
     x0, keys = micro["x0"], micro["keys"]
     cond = batch_cond(micro)
     # Timestep, noise and the label/caption dropout for CFG, drawn per example so that
-    # they do not depend on how the batch is split over devices.
+    # they do not depend on how the batch is split over devices or micro-batches.
     per_example = lambda fn, i: jax.vmap(lambda k: fn(jax.random.fold_in(k, i)))(keys)
     t = per_example(lambda k: jax.random.randint(k, (), 0, schedule.T), 0)
     noise = per_example(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
     cond["drop"] = per_example(lambda k: jax.random.bernoulli(k, drop_prob), 2)
-
-    def model_fn(x_t, t):
-      return model.apply({"params": params}, x_t, t, cond)
-
     loss, _ = losses.diffusion_loss(
-      model_fn,
+      lambda x_t, t: forward(params, x_t, t, cond),
       x0,
       keys[0],  # Unused: t and noise are given.
       schedule,
@@ -215,7 +264,11 @@ def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | No
     if k == 1:
       loss, grads = grad_fn(state["params"], micro)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), micro)
+      # Micro-batch j takes examples j, j + k, ...: a strided split keeps every micro-batch
+      # spread over all data-parallel devices (a contiguous one would sit on a few).
+      micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), micro
+      )
 
       def accumulate(carry, mb):
         loss, grads = grad_fn(state["params"], mb)
@@ -236,8 +289,9 @@ def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | No
       decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
 
-    # NaN/Inf guard: a bad step changes nothing but the counters.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # NaN/Inf guard: a bad step changes nothing but the counters, so a checkpoint never
+    # holds non-finite values.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old)
     new_state = {
       "step": step + 1,
@@ -263,27 +317,104 @@ def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | No
 # ---- Checkpoints ----------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def checkpoint_manager(
+  workdir: str, config: ml_collections.ConfigDict, best: bool = False
+) -> ocp.CheckpointManager:
+  """ckpt/: the last config.keep_ckpts steps; ckpt_best/: the best by config.eval.best_metric.
+
+  Saves are asynchronous (the step loop goes on while they are written) and atomic: a save
+  is written to a temporary directory and renamed when complete, so a run killed mid-save
+  leaves the previous checkpoints intact; leftovers are removed on the next start.
+  """
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  if best:
+    metric = config.eval.best_metric
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=1,
+      best_fn=lambda metrics: metrics[metric],
+      best_mode=config.eval.best_mode,
+      keep_checkpoints_without_metrics=False,
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(
+      os.path.join(workdir, "ckpt_best"), options=options, item_handlers=handlers
+    )
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=config.keep_ckpts, create=True, enable_async_checkpointing=True
+    max_to_keep=config.keep_ckpts,
+    create=True,
+    cleanup_tmp_directories=True,
+    enable_async_checkpointing=True,
   )
-  return ocp.CheckpointManager(os.path.join(workdir, "ckpt"), options=options)
+  return ocp.CheckpointManager(
+    os.path.join(workdir, "ckpt"), options=options, item_handlers=handlers
+  )
 
 
-def save_checkpoint(mngr, state: State, data_state: dict, force: bool = False) -> None:
-  step = int(jax.device_get(state["step"]))
-  if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state["params"])):
-    raise RuntimeError(f"Refusing to save a non-finite checkpoint at step {step}.")
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def save_checkpoint(
+  mngr, state: State, data_state: dict, force: bool = False, metrics: dict | None = None
+) -> None:
+  """Starts an async save of `state` (unstacked) and the data iterator state."""
+  step = int(parallel.first_value(state["step"]))
+  finite = _all_finite({"params": state["params"], "ema": state["ema_params"]})
+  if not bool(parallel.first_value(finite)):
+    raise FloatingPointError(f"Refusing to save a non-finite checkpoint at step {step}.")
   mngr.save(
     step,
     args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
     force=force,
+    metrics=metrics,
   )
 
 
+def _check_compatible(mngr, step: int, abstract_state: State) -> None:
+  """Raises `UserError` naming the parameters whose saved shapes differ from the config's."""
+  try:
+    saved = mngr.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)["params"]
+  except Exception:  # Unreadable metadata: the restore below reports it.
+    return
+  shapes = lambda tree: {
+    parallel.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  saved, wanted = shapes(saved), shapes(abstract_state["params"])
+  diffs = [f"{k}: missing from the checkpoint" for k in sorted(set(wanted) - set(saved))]
+  diffs += [f"{k}: not in this model" for k in sorted(set(saved) - set(wanted))]
+  diffs += [
+    f"{k}: checkpoint {saved[k]}, config {wanted[k]}"
+    for k in sorted(set(saved) & set(wanted))
+    if saved[k] != wanted[k]
+  ]
+  if diffs:
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    raise UserError(
+      f"The checkpoint at step {step} in {mngr.directory} was written for a different model "
+      f"(params: {shown}); use a new --workdir or the matching config.model."
+    )
+
+
 def restore_checkpoint(mngr, abstract_state: State) -> tuple[State, dict] | None:
-  """Restores the newest readable checkpoint; falls back past corrupt ones, saying so."""
-  for step in sorted(mngr.all_steps(), reverse=True):
+  """Restores the newest readable checkpoint onto the shardings of `abstract_state`.
+
+  Leaves without a sharding go to the first local device. Orbax reshards, so the checkpoint
+  may come from any device count or mesh. A checkpoint that cannot be read (corrupt, half
+  deleted) is skipped for the previous one, with a warning. Returns None if there is none.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with_sharding = lambda x: jax.ShapeDtypeStruct(
+    x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device
+  )
+  abstract_state = jax.tree.map(with_sharding, abstract_state)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    _check_compatible(mngr, step, abstract_state)
     try:
       restored = mngr.restore(
         step,
@@ -293,8 +424,19 @@ def restore_checkpoint(mngr, abstract_state: State) -> tuple[State, dict] | None
       )
       return restored["state"], restored["data"]
     except Exception as e:  # Orbax raises many types for a damaged checkpoint.
+      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
       logging.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, e)
-      print(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); falling back.")
+      if jax.process_index() == 0:
+        print(
+          f"warning: checkpoint step {step} in {mngr.directory} is unreadable "
+          f"({type(e).__name__}); falling back to the previous one.",
+          file=sys.stderr,
+        )
+  if steps:
+    raise UserError(
+      f"No checkpoint in {mngr.directory} is readable ({'; '.join(errors)}). Move the "
+      "directory away to start afresh."
+    )
   return None
 
 
@@ -304,13 +446,17 @@ def restore_checkpoint(mngr, abstract_state: State) -> tuple[State, dict] | None
 class MetricWriter:
   """metrics.jsonl + TensorBoard, written by process 0 only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
     self.active = jax.process_index() == 0
-    if self.active:
-      from tensorboardX import SummaryWriter
+    if not self.active:
+      return
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      _rewind_jsonl(path, resume_step)
+    from tensorboardX import SummaryWriter
 
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self.jsonl = open(path, "a")
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.active:
@@ -327,37 +473,97 @@ class MetricWriter:
       self.tb.close()
 
 
+def _rewind_jsonl(path: str, step: int) -> None:
+  """Drops rows after `step` (logged before a crash, to be redone) and a torn last line."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get("step", 0) <= step:
+        rows.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
+
+
+def _summarise(window: list[dict], elapsed: float, config, flops_per_image: float | None) -> dict:
+  """Host floats for one log row from the per-step metrics since the last row."""
+  steps = [{k: float(parallel.first_value(v)) for k, v in m.items()} for m in window]
+  row = {
+    "loss": float(np.mean([s["loss"] for s in steps])),
+    "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
+    "lr": steps[-1]["lr"],
+    "bad_steps": max(s["bad_steps"] for s in steps),  # Longest non-finite streak seen.
+    "skipped_steps": steps[-1]["skipped_steps"],
+    "steps_per_sec": len(steps) / elapsed,
+  }
+  row["img_per_sec"] = row["steps_per_sec"] * config.batch_size
+  if flops_per_image:
+    # Model FLOPs (forward + backward, no rematerialisation) per device per second.
+    row["tflops_per_device"] = flops_per_image * row["img_per_sec"] / jax.device_count() / 1e12
+    peak = hardware.peak_tflops()
+    if peak:
+      row["mfu"] = row["tflops_per_device"] / peak
+  row.update(hardware.memory_in_use())
+  return row
+
+
+def _train_flops_per_image(model) -> float | None:
+  try:
+    from dit import info
+
+    return info.model_info(model)["gflops_train"] * 1e9
+  except Exception as e:  # Best effort: logging must not stop training.
+    logging.warning("Could not count model FLOPs: %s", e)
+    return None
+
+
+def _print_run_summary(config, workdir: str, mesh) -> None:
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  print(f"dit.train: workdir {workdir}")
+  print(
+    f"devices: {len(devices)} ({', '.join(kinds)}, platform {devices[0].platform}), "
+    f"{jax.local_device_count()} local, {jax.process_count()} process(es); "
+    f"parallelism {config.parallelism}, mesh {dict(mesh.shape)}"
+  )
+  print(f"config:\n{config}", flush=True)
+
+
 # ---- The loop ------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
-  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state.
+
+  The returned state is unstacked (no device axis): replicated for "pmap", sharded over the
+  mesh for "mesh".
+  """
   # Workdir and logging.
   if config.distributed:
     parallel.initialize_distributed()
   workdir = prepare_workdir(workdir)
   check_resume_config(workdir, config)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  devices = jax.devices()
-  logging.info("Config:\n%s", config)
-  logging.info(
-    "Devices: %d global, %d local, %d processes, kind %s",
-    len(devices),
-    jax.local_device_count(),
-    jax.process_count(),
-    devices[0].device_kind,
-  )
 
   # Devices and mesh.
   use_pmap = config.parallelism == "pmap"
-  mesh = None if use_pmap else parallel.make_mesh(config.mesh)
+  try:
+    mesh = parallel.pmap_mesh() if use_pmap else parallel.make_mesh(config.mesh)
+  except ValueError as e:
+    raise UserError(str(e)) from e
   num_dp = jax.device_count() if use_pmap else parallel.data_parallel_size(mesh)
   check_config(config, num_dp)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    _print_run_summary(config, workdir, mesh)
 
-  # Input pipeline: each process reads its own slice of every global batch.
+  # Input pipeline: each process reads its own rows of every global batch.
   data_iter = pipeline.make_train_iterator(
     config.data,
     global_batch_size=config.batch_size,
@@ -378,118 +584,136 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   init_fn = functools.partial(init_state, config, model, tx)
   abstract_state = jax.eval_shape(init_fn)
 
+  # Shardings of the (unstacked) state: replicated for pmap, by the rules for the mesh.
+  replicated = parallel.replicated(mesh)
+  if use_pmap:
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  else:
+    fsdp_min = config.mesh.get("fsdp_min_size", 2**14)
+    state_sharding = parallel.state_sharding(abstract_state, mesh, min_fsdp_size=fsdp_min)
+  abstract_state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+  )
+
   # Update step: pmap or jit over the mesh; the state buffers are donated.
   if use_pmap:
     update = make_update_fn(config, model, schedule, tx, lr_schedule, axis_name="batch")
-    p_update = jax.pmap(update, axis_name="batch", donate_argnums=(0,))
-    state_sharding = None
+    step_fn = jax.pmap(update, axis_name="batch", donate_argnums=(0,))
+    to_device = functools.partial(parallel.pmap_batch, mesh=mesh)
   else:
     update = make_update_fn(config, model, schedule, tx, lr_schedule, axis_name=None)
-    state_sharding = parallel.state_sharding(abstract_state, mesh)
-    abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state,
-      state_sharding,
-    )
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_update = jax.jit(
+    batch_sharding = parallel.batch_sharding(mesh)
+    step_fn = jax.jit(
       update,
-      in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+      in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,),
     )
+    to_device = functools.partial(parallel.global_batch, sharding=batch_sharding)
 
   # Restore the latest checkpoint, or initialise.
   mngr = checkpoint_manager(workdir, config)
+  best_mngr = checkpoint_manager(workdir, config, best=True) if eval_every(config) else None
   restored = restore_checkpoint(mngr, abstract_state)
   if restored is not None:
     state, data_state = restored
     data_iter.set_state(data_state)
-    logging.info("Resumed from step %d.", int(state["step"]))
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)() if mesh else jax.jit(init_fn)()
-  start_step = int(jax.device_get(state["step"]))
+    state = jax.jit(init_fn, out_shardings=state_sharding)()
+  start_step = int(parallel.first_value(state["step"]))
+  if is_main and restored is not None:
+    print(f"Resumed from step {start_step}.", flush=True)
   if use_pmap:
-    state = parallel.replicate(state)
-
-  # Preemption: SIGTERM saves a checkpoint at the next step boundary, then exits.
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-
-  def to_device(batch):
-    if use_pmap:
-      return parallel.shard_batch(batch)
-    return parallel.global_batch(batch, parallel.batch_sharding(mesh))
+    state = parallel.stack_for_pmap(state, mesh)
 
   def host_state():
-    return parallel.unreplicate(state) if use_pmap else state
+    """The unstacked state: what checkpoints hold."""
+    return parallel.unstack_from_pmap(state, mesh) if use_pmap else state
 
-  writer = MetricWriter(workdir)
-  peak = hardware.peak_tflops()
-  flops_per_step = None
+  def eval_params(unstacked):
+    """Params for sampling on this process's first device (all processes must call)."""
+    params = unstacked["ema_params"] if config.sample.use_ema else unstacked["params"]
+    return parallel.local_copy(parallel.gather(params, mesh))
+
+  # Preemption: SIGTERM saves a checkpoint at the next step boundary, then exits. On
+  # multi-host jobs JAX's preemption service agrees on that step across hosts.
+  preempted = []
+  multi_host = jax.process_count() > 1
+  previous_handler = None
+  if not multi_host:
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+
+  # Rows after the restored step (logged before a crash) are dropped: they are redone.
+  writer = MetricWriter(workdir, resume_step=start_step)
+  flops_per_image = _train_flops_per_image(model) if is_main else None
   progress = None
   if is_main and config.progress_bar:
     from tqdm import tqdm
 
     progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+  compiled, window = None, []
   step, data_state = start_step, data_iter.get_state()
-  window_start, window_steps = time.perf_counter(), 0
+  window_start = time.perf_counter()
   try:
     while step < config.total_steps:
       batch = to_device(_model_inputs(next(data_iter)))
       data_state = data_iter.get_state()  # Points at the batch after this one.
-      if flops_per_step is None:
-        flops_per_step = _step_flops(p_update, state, batch)
-      state, metrics = p_update(state, batch)
+      if compiled is None:
+        compiled = step_fn.lower(state, batch).compile()
+        window_start = time.perf_counter()  # Steps/s without the compile.
+      state, metrics = compiled(state, batch)
       step += 1
-      window_steps += 1
+      window.append(metrics)
       if progress is not None:
         progress.update(1)
 
       if step % config.log_every == 0 or step == config.total_steps:
-        metrics = jax.device_get(parallel.unreplicate(metrics) if use_pmap else metrics)
-        elapsed = time.perf_counter() - window_start
-        row = {k: float(v) for k, v in metrics.items()}
-        row["steps_per_sec"] = window_steps / elapsed
-        row["img_per_sec"] = row["steps_per_sec"] * config.batch_size
-        if flops_per_step:
-          row["tflops_per_device"] = flops_per_step * row["steps_per_sec"] / 1e12
-          if peak:
-            row["mfu"] = row["tflops_per_device"] / peak
-        row.update(hardware.memory_in_use())
+        row = _summarise(window, time.perf_counter() - window_start, config, flops_per_image)
         writer.write(step, row)
         if progress is not None:
           progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if row["bad_steps"] >= config.max_bad_steps:
           raise FloatingPointError(
             f"{int(row['bad_steps'])} consecutive non-finite steps up to step {step} "
-            f"(loss={row['loss']}, grad_norm={row['grad_norm']}); stopping. The last good "
-            "checkpoint is kept; try a lower config.optim.lr or config.optim.grad_clip."
+            f"({int(row['skipped_steps'])} skipped in all; last loss={row['loss']}, "
+            f"grad_norm={row['grad_norm']}); stopping. The checkpoints hold only finite "
+            "values; try a lower config.optim.lr or config.optim.grad_clip."
           )
-        window_start, window_steps = time.perf_counter(), 0
+        window, window_start = [], time.perf_counter()
 
-      if config.sample_every and step % config.sample_every == 0 and is_main:
-        _write_samples(
-          config, model, host_state(), schedule, workdir, f"samples/step_{step:06d}.png"
-        )
+      if config.sample_every and step % config.sample_every == 0:
+        params = eval_params(host_state())
+        if is_main:
+          _write_samples(config, model, params, schedule, workdir, f"samples/step_{step:06d}.png")
 
-      if step % config.ckpt_every == 0 or step == config.total_steps or preempted:
-        save_checkpoint(mngr, host_state(), data_state, force=bool(preempted))
-      if preempted:
+      if eval_every(config) and step % eval_every(config) == 0:
+        results = _evaluate(config, model, eval_params(host_state()), step)
+        writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+        save_checkpoint(best_mngr, host_state(), data_state, metrics=results)
+
+      preempted_now = bool(preempted) or (multi_host and mngr.reached_preemption(step))
+      if step % config.ckpt_every == 0 or step == config.total_steps or preempted_now:
+        save_checkpoint(mngr, host_state(), data_state, force=preempted_now)
+      if preempted_now:
         mngr.wait_until_finished()
-        print(f"SIGTERM: saved checkpoint at step {step}; exiting.", file=sys.stderr)
-        sys.exit(143)
+        print(f"SIGTERM: saved checkpoint at step {step}; exiting.", file=sys.stderr, flush=True)
+        raise SystemExit(143)
   finally:
     mngr.wait_until_finished()
+    if best_mngr is not None:
+      best_mngr.wait_until_finished()
     writer.close()
     if progress is not None:
       progress.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
 
   state = host_state()
-  if is_main and config.sample.num:
-    _write_samples(config, model, state, schedule, workdir, "grid.png")
+  if config.sample.num:
+    params = eval_params(state)
+    if is_main:
+      _write_samples(config, model, params, schedule, workdir, "grid.png")
   return state
 
 
@@ -498,20 +722,25 @@ def _model_inputs(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k in ("image", "latent", "label", "text", "text_mask")}
 
 
-def _step_flops(p_update, state, batch) -> float | None:
-  """FLOPs of one update per device, from XLA's cost analysis of the compiled step."""
-  try:
-    cost = p_update.lower(state, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
-  except Exception:  # Cost analysis is best effort; some backends do not provide it.
-    return None
+def _evaluate(config, model, params, step: int) -> dict[str, float]:
+  """dit.evaluate's metrics of `params`; every process computes them (same samples)."""
+  from dit import evaluate as evaluate_lib
+
+  results = evaluate_lib.evaluate(config, model, params, jax.random.PRNGKey(config.seed))
+  results = {k: float(v) for k, v in results.items() if np.ndim(v) == 0}
+  if config.eval.best_metric not in results:
+    raise UserError(
+      f"config.eval.best_metric={config.eval.best_metric!r} is not among the evaluation "
+      f"metrics {sorted(results)}."
+    )
+  if jax.process_index() == 0:
+    print(f"eval at step {step}: {config.eval.best_metric}={results[config.eval.best_metric]:.4g}")
+  return results
 
 
-def _write_samples(config, model, state, schedule, workdir, name) -> None:
+def _write_samples(config, model, params, schedule, workdir, name) -> None:
   from dit import sample as sample_lib
 
-  params = state["ema_params"] if config.sample.use_ema else state["params"]
   images = sample_lib.class_grid(config, model, params, schedule, jax.random.PRNGKey(config.seed))
   path = os.path.join(workdir, name)
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -533,6 +762,7 @@ def main(argv: list[str]) -> None:
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise UserError("--config and --workdir are required.")
+  logging.set_verbosity(logging.WARNING)
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

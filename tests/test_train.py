@@ -1,17 +1,57 @@
-"""The train loop: outputs, device-count invariance, resume, NaN guard, bad input."""
+"""The train loop on one device: outputs, logging, evaluation, resume, checkpoint fallback,
+NaN guard, gradient accumulation, EMA, remat, mixed precision and bad input.
 
+One shared run (`trained`) is inspected by most tests; train runs reuse compiled programs
+through a persistent XLA cache, so each extra run costs little more than its steps.
+"""
+
+import contextlib
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
-from dit import train
+from dit import hardware, train
+from dit.data import pipeline
 from dit.diffusion import schedules
 from dit.models import dit as dit_model
+
+# Evaluation every 2 steps with a small digits eval, samples every 4 steps.
+RUN = {
+  "optim.schedule": "constant",
+  "ckpt_every": 2,
+  "eval.every": 2,
+  "eval.num_samples": 20,
+  "eval.batch_size": 20,
+  "eval.best_metric": "digits_fd",
+  "eval.best_mode": "min",
+  "sample_every": 4,
+  "sample.num": 20,  # = eval.batch_size: one sampler program for both.
+  "progress_bar": True,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache shared by this session's train runs and subprocesses."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+  cc.reset_cache()
 
 
 def read_metrics(workdir):
@@ -19,115 +59,277 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_train_writes_workdir(tmp_path):
-  workdir = str(tmp_path / "run")
-  config = tiny_config(**{"sample.num": 20})
-  state = train.train_and_evaluate(config, workdir)
-  assert int(state["step"]) == 4
-  files = set(os.listdir(workdir))
-  assert {"config.json", "metrics.jsonl", "ckpt", "tb", "grid.png"} <= files
-  assert os.listdir(os.path.join(workdir, "tb"))
-  rows = read_metrics(workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  for key in ("loss", "grad_norm", "lr", "steps_per_sec", "img_per_sec"):
-    assert np.isfinite(rows[-1][key]), key
-  with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["model"]["hidden_size"] == 32
+def tree_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
-def test_loss_decreases_on_fixed_batch():
-  """Fitting one fixed batch drives the eps-MSE loss well below its starting value."""
-  config = tiny_config(
-    **{"optim.lr": 3e-3, "optim.schedule": "constant", "model.class_dropout_prob": 0.0}
+def abstract_state(config):
+  model = dit_model.build_model(config.model)
+  tx, _ = train.make_optimizer(config)
+  return jax.eval_shape(lambda: train.init_state(config, model, tx))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """4 steps with checkpoints at 2 and 4, evaluation at 2 and 4, a sample grid at 4."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    state = train.train_and_evaluate(tiny_config(**RUN), workdir)
+  return types.SimpleNamespace(
+    workdir=workdir, state=jax.device_get(state), stdout=out.getvalue(), stderr=err.getvalue()
   )
+
+
+def test_run_writes_workdir(trained):
+  assert int(trained.state["step"]) == 4
+  files = set(os.listdir(trained.workdir))
+  assert {"config.json", "metrics.jsonl", "ckpt", "ckpt_best", "tb", "grid.png"} <= files
+  assert os.listdir(os.path.join(trained.workdir, "tb"))
+  assert os.listdir(os.path.join(trained.workdir, "samples")) == ["step_000004.png"]
+  assert sorted(os.listdir(os.path.join(trained.workdir, "ckpt"))) == ["2", "4"]
+  with open(os.path.join(trained.workdir, "config.json")) as f:
+    assert json.load(f)["model"]["hidden_size"] == 32
+  # The resolved config and a device summary on the console, and a progress bar with ETA.
+  assert "devices: 1 (cpu" in trained.stdout and "hidden_size: 32" in trained.stdout
+  assert "4/4" in trained.stderr and "<00:00" in trained.stderr
+
+
+def test_metrics_rows(trained):
+  rows = read_metrics(trained.workdir)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for key in ("loss", "grad_norm", "lr", "steps_per_sec", "img_per_sec", "tflops_per_device"):
+    assert all(np.isfinite(r[key]) and r[key] >= 0 for r in train_rows), key
+  assert train_rows[-1]["img_per_sec"] == pytest.approx(8 * train_rows[-1]["steps_per_sec"])
+  assert train_rows[0]["lr"] == pytest.approx(tiny_config().optim.lr)  # Constant schedule.
+  assert "mfu" not in train_rows[-1]  # No peak FLOP/s for CPUs.
+  eval_rows = [r for r in rows if "eval/accuracy" in r]
+  assert [r["step"] for r in eval_rows] == [2, 4]
+  assert all(0 <= r["eval/accuracy"] <= 1 and r["eval/digits_fd"] > 0 for r in eval_rows)
+
+
+def test_best_checkpoint_follows_eval_metric(trained):
+  evals = {
+    r["step"]: r["eval/digits_fd"] for r in read_metrics(trained.workdir) if "eval/digits_fd" in r
+  }
+  best = min(evals, key=evals.get)
+  assert os.listdir(os.path.join(trained.workdir, "ckpt_best")) == [str(best)]
+
+
+def test_sample_and_evaluate_load_ema_params(trained):
+  from dit import sample
+
+  config = tiny_config(**RUN)
+  _, ema = sample.load_params(config, trained.workdir)
+  _, raw = sample.load_params(config, trained.workdir, use_ema=False)
+  tree_equal(ema, trained.state["ema_params"])
+  tree_equal(raw, trained.state["params"])
+  with pytest.raises(AssertionError):
+    tree_equal(ema, raw)
+
+
+def test_resume_is_bit_exact(trained, tmp_path):
+  """Resuming from the step-2 checkpoint ends exactly where the straight run did."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained.workdir, workdir)
+  shutil.rmtree(os.path.join(workdir, "ckpt", "4"))
+  shutil.rmtree(os.path.join(workdir, "ckpt_best"))
+  config = tiny_config(**{**RUN, "eval.every": 0, "sample_every": 0, "sample.num": 0})
+  resumed = train.train_and_evaluate(config, workdir)
+  assert int(resumed["step"]) == 4
+  tree_equal(trained.state, resumed)
+  # metrics.jsonl was rewound to step 2 before the resumed steps were appended.
+  losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]
+  assert losses(workdir) == losses(trained.workdir)
+
+
+def test_resume_rejects_incompatible_config(trained, tmp_path):
+  with pytest.raises(train.UserError, match="model.hidden_size: checkpoint has 32, config has 64"):
+    train.train_and_evaluate(tiny_config(**{**RUN, "model.hidden_size": 64}), trained.workdir)
+  # Without config.json, the checkpoint's own shapes name the differing parameters.
+  shutil.copytree(os.path.join(trained.workdir, "ckpt"), tmp_path / "ckpt")
+  config = tiny_config(**{"model.hidden_size": 64})
+  mngr = train.checkpoint_manager(str(tmp_path), config)
+  with pytest.raises(train.UserError, match=r"blocks_0/attn/qkv/kernel: checkpoint \(32, 96\), co"):
+    train.restore_checkpoint(mngr, abstract_state(config))
+
+
+def test_corrupt_checkpoint_falls_back(trained, tmp_path, capsys):
+  shutil.copytree(os.path.join(trained.workdir, "ckpt"), tmp_path / "ckpt")
+  # A half-written save (killed before its rename) is not a checkpoint at all ...
+  os.makedirs(tmp_path / "ckpt" / "6.orbax-checkpoint-tmp-1234" / "state")
+  # ... and a damaged one is skipped for the previous one, with a warning.
+  for root, _, files in os.walk(tmp_path / "ckpt" / "4" / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  config = tiny_config(**RUN)
+  mngr = train.checkpoint_manager(str(tmp_path), config)
+  assert mngr.all_steps() == [2, 4]
+  state, data = train.restore_checkpoint(mngr, abstract_state(config))
+  assert int(state["step"]) == 2 and data["step"] == 2
+  assert "checkpoint step 4" in capsys.readouterr().err
+  # Nothing readable at all: a clear error rather than silently starting afresh.
+  shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
+  mngr = train.checkpoint_manager(str(tmp_path), config)
+  with pytest.raises(train.UserError, match="No checkpoint in .* is readable"):
+    train.restore_checkpoint(mngr, abstract_state(config))
+
+
+def test_nan_guard_stops_run(tmp_path, monkeypatch):
+  """Non-finite steps are skipped and counted; k in a row stop the run, saving nothing."""
+  make = pipeline.make_train_iterator
+
+  class NanImages:
+    def __init__(self, it):
+      self.it = it
+
+    def __next__(self):
+      batch = next(self.it)
+      return dict(batch, image=np.full_like(batch["image"], np.nan))
+
+    def __getattr__(self, name):
+      return getattr(self.it, name)
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: NanImages(make(*a, **k)))
+  config = tiny_config(**{"optim.schedule": "constant", "max_bad_steps": 3, "ckpt_every": 3})
+  with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps up to step 3"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = read_metrics(tmp_path / "run")
+  assert [r["skipped_steps"] for r in rows] == [1, 2, 3]
+  assert os.listdir(tmp_path / "run" / "ckpt") == []
+
+
+# One config for the jitted single-step tests, so that they share compiled programs.
+STEP = {"optim.lr": 3e-3, "optim.schedule": "constant", "model.class_dropout_prob": 0.0}
+
+
+def jit_update(config):
   model = dit_model.build_model(config.model)
   tx, lr = train.make_optimizer(config)
-  schedule = schedules.make_schedule("linear", 1000)
-  update = jax.jit(train.make_update_fn(config, model, schedule, tx, lr, axis_name=None))
+  update = train.make_update_fn(
+    config, model, schedules.make_schedule("linear", 1000), tx, lr, None
+  )
   state = jax.jit(lambda: train.init_state(config, model, tx))()
+  return update, state
+
+
+def digits_batch(n=8):
   rng = np.random.default_rng(0)
-  batch = {
-    "image": jnp.asarray(rng.uniform(-1, 1, (8, 16, 16, 1)), jnp.float32),
-    "label": jnp.arange(8, dtype=jnp.int32),
+  size = tiny_config().model.input_size
+  return {
+    "image": jnp.asarray(rng.uniform(-1, 1, (n, size, size, 1)), jnp.float32),
+    "label": jnp.arange(n, dtype=jnp.int32) % 10,
   }
+
+
+@pytest.fixture(scope="module")
+def plain_update():
+  """The jitted one-device update step of the STEP config and its initial state."""
+  update, state = jit_update(tiny_config(**STEP, **{"optim.ema_warmup": True}))
+  return jax.jit(update), state
+
+
+def test_nan_batch_skips_update(plain_update):
+  update, state = plain_update
+  batch = dict(digits_batch(), image=jnp.full_like(digits_batch()["image"], jnp.nan))
+  new, metrics = update(state, batch)
+  assert int(metrics["bad_steps"]) == 1 and int(metrics["skipped_steps"]) == 1
+  assert int(new["step"]) == 1
+  tree_equal(state["params"], new["params"])
+  tree_equal(state["opt_state"], new["opt_state"])
+
+
+def test_loss_decreases_on_fixed_batch(plain_update):
+  """Fitting one fixed batch drives the eps-MSE loss well below its starting value."""
+  update, state = plain_update
+  batch = digits_batch()
   losses = []
   for _ in range(150):
     # Same batch and the same noise each step: reset the step counter that seeds it.
-    state["step"] = jnp.zeros((), jnp.int32)
+    state = dict(state, step=jnp.zeros((), jnp.int32))
     state, metrics = update(state, batch)
     losses.append(float(metrics["loss"]))
   assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
 
 
-def test_nan_batch_skips_update():
-  config = tiny_config()
-  model = dit_model.build_model(config.model)
-  tx, lr = train.make_optimizer(config)
-  update = jax.jit(
-    train.make_update_fn(config, model, schedules.make_schedule("linear", 1000), tx, lr, None)
+def test_grad_accumulation_and_ema(plain_update):
+  """4 micro-batches (lax.scan) give the one-batch step's result; the first EMA update uses
+  the warmed-up decay min(0.999, 1/10)."""
+  plain, state = plain_update
+  accum, _ = jit_update(tiny_config(**STEP, grad_accum_steps=4))
+  batch = digits_batch()
+  assert "scan" in str(jax.make_jaxpr(accum)(state, batch))
+  p, pm = jax.device_get(plain(state, batch))
+  a, am = jax.device_get(jax.jit(accum)(state, batch))
+  np.testing.assert_allclose(am["loss"], pm["loss"], rtol=1e-6)
+  np.testing.assert_allclose(am["grad_norm"], pm["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a["params"], p["params"])
+  old = jax.device_get(state["ema_params"])
+  expected = jax.tree.map(lambda e, q: 0.1 * e + 0.9 * q, old, p["params"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), p["ema_params"], expected)
+
+
+def test_remat_policy_wraps_forward():
+  """config.step_remat_policy puts the forward under jax.checkpoint with that policy."""
+  plain, state = jit_update(tiny_config(**STEP))
+  remat, _ = jit_update(tiny_config(**STEP, step_remat_policy="dots_saveable"))
+  batch = digits_batch()
+  jaxpr = str(jax.make_jaxpr(remat)(state, batch))
+  assert "remat" in jaxpr and "DotsSaveable" in jaxpr
+  assert "remat" not in str(jax.make_jaxpr(plain)(state, batch))
+
+
+def test_mixed_precision_keeps_float32_state():
+  """bf16 compute: the matmuls run in bf16, params / optimizer state / EMA stay float32."""
+  update16, state = jit_update(tiny_config(**STEP, **{"model.dtype": "bfloat16"}))
+  batch = digits_batch()
+  jaxpr = str(jax.make_jaxpr(update16)(state, batch))
+  assert "bf16[" in jaxpr and "dot_general" in jaxpr
+  new_state, metrics = jax.eval_shape(update16, state, batch)
+  same = jax.tree.map(lambda n, o: (n.shape, n.dtype) == (o.shape, o.dtype), new_state, state)
+  assert jax.tree.all(same)
+  for leaf in jax.tree.leaves({k: new_state[k] for k in ("params", "ema_params", "opt_state")}):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+  assert metrics["loss"].dtype == jnp.float32
+
+
+def test_optimizer_schedule():
+  config = tiny_config(
+    **{"total_steps": 100, "optim.warmup_steps": 10, "optim.schedule": "cosine", "optim.lr": 1e-3}
   )
-  state = jax.jit(lambda: train.init_state(config, model, tx))()
-  before = jax.device_get(state["params"])
-  batch = {"image": jnp.full((8, 16, 16, 1), jnp.nan), "label": jnp.zeros((8,), jnp.int32)}
-  state, metrics = update(state, batch)
-  assert int(metrics["bad_steps"]) == 1 and int(metrics["skipped_steps"]) == 1
-  assert int(state["step"]) == 1
-  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state["params"]))
-
-
-def test_resume_is_bit_exact(tmp_path):
-  """4 steps straight == 2 steps, stop, restart with the same command to step 4."""
-  # A constant schedule, so that stopping early via total_steps is like an interruption.
-  config = lambda **kw: tiny_config(**{"optim.schedule": "constant"}, **kw)
-  straight = train.train_and_evaluate(config(), str(tmp_path / "a"))
-  train.train_and_evaluate(config(total_steps=2), str(tmp_path / "b"))
-  resumed = train.train_and_evaluate(config(), str(tmp_path / "b"))
-  assert int(resumed["step"]) == 4
-  jax.tree.map(
-    np.testing.assert_array_equal,
-    jax.device_get(straight["params"]),
-    jax.device_get(resumed["params"]),
-  )
-  assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [
-    r["loss"] for r in read_metrics(tmp_path / "b")
-  ]
-
-
-def test_resume_rejects_incompatible_config(tmp_path):
-  train.train_and_evaluate(tiny_config(total_steps=2), str(tmp_path / "run"))
-  with pytest.raises(train.UserError, match="model.hidden_size: checkpoint has 32, config has 64"):
-    train.train_and_evaluate(tiny_config(**{"model.hidden_size": 64}), str(tmp_path / "run"))
-
-
-def test_one_and_four_devices_same_loss_curve(tmp_path):
-  """Same global batch and seed: 1 device and 4 forced host devices agree."""
-  curves = {}
-  for n in (1, 4):
-    workdir = str(tmp_path / f"d{n}")
-    result = run_cli("dit.train", "--config=configs/digits.py", f"--workdir={workdir}", devices=n)
-    assert result.returncode == 0, result.stderr[-3000:]
-    curves[n] = [r["loss"] for r in read_metrics(workdir)]
-  assert len(curves[1]) == 4
-  np.testing.assert_allclose(curves[1], curves[4], rtol=1e-5)
+  _, lr = train.make_optimizer(config)
+  assert float(lr(0)) == 0.0
+  assert float(lr(5)) == pytest.approx(5e-4)
+  assert float(lr(10)) == pytest.approx(1e-3)
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
+  # DiT's recipe: constant lr, no warmup.
+  _, lr = train.make_optimizer(tiny_config(**{"optim.schedule": "constant", "optim.lr": 1e-4}))
+  assert float(lr(0)) == float(lr(10**6)) == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize(
-  "args, message",
+  "overrides, num_dp, message",
   [
-    (["--config.bogus=1"], "Unknown config key 'bogus'"),
-    (["--config.model.depthh=2"], "Unknown config key 'model.depthh'"),
-    (["--config.batch_size=0"], "config.batch_size must be positive, got 0"),
-    (["--config.batch_size=6"], "batch_size=6 is not divisible by the data-parallel size (4"),
-    (["--workdir=/nonexistent/parent/run"], "parent of --workdir does not exist"),
-    (["--workdir=/dev/null/run"], "parent of --workdir does not exist"),
+    ({"batch_size": 6}, 4, "batch_size=6 is not divisible by the data-parallel size (4 devices)"),
+    ({"grad_accum_steps": 3}, 1, "x config.grad_accum_steps (3)"),
+    ({"batch_size": 0}, 1, "config.batch_size must be positive, got 0"),
+    ({"parallelism": "ddp"}, 1, "config.parallelism must be 'pmap' or 'mesh', got 'ddp'"),
+    ({"step_remat_policy": "all"}, 1, "config.step_remat_policy must be '' or one of"),
+    ({"eval.every": 5, "eval.metric": "is"}, 1, "config.eval.metric must be one of"),
   ],
 )
-def test_bad_input_is_one_clear_line(tmp_path, args, message):
-  workdir_args = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}/r"]
-  result = run_cli("dit.train", "--config=configs/digits.py", *workdir_args, *args, devices=4)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert message in result.stderr
-  assert "Traceback" not in result.stderr
+def test_check_config(overrides, num_dp, message):
+  with pytest.raises(train.UserError) as e:
+    train.check_config(tiny_config(**overrides), num_dp)
+  assert message in str(e.value)
+
+
+def test_mesh_not_matching_devices(tmp_path):
+  config = tiny_config(**{"parallelism": "mesh", "mesh.data": 2})
+  with pytest.raises(train.UserError, match="needs 2 devices, but 1 are available"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_unwritable_workdir(tmp_path):
@@ -135,3 +337,46 @@ def test_unwritable_workdir(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(train.UserError, match="not writable"):
     train.prepare_workdir(str(blocker))
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config.bogus=1"], "Unknown config key 'bogus'"),
+    (["--config.model.depthh=2"], "Unknown config key 'model.depthh'"),
+    (["--config.parallelism=mesh", "--config.mesh.data=3"], "needs 3 devices, but 1 are"),
+    (["--workdir=/nonexistent/parent/run"], "parent of --workdir does not exist"),
+  ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+  workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}/r"]
+  flags = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-m", "dit.train", "--config=configs/digits.py", *flags, *workdir, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_metrics_jsonl_rewind(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+  train._rewind_jsonl(str(path), 2)
+  assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_peak_flops_table():
+  fake = lambda kind: types.SimpleNamespace(device_kind=kind)
+  assert hardware.peak_tflops(fake("NVIDIA H100 80GB HBM3")) == 989.0
+  assert hardware.peak_tflops(fake("NVIDIA H100 PCIe")) == 756.0
+  assert hardware.peak_tflops(fake("NVIDIA L40S")) == 362.0
+  assert hardware.peak_tflops(fake("TPU v5 lite")) == 197.0
+  assert hardware.peak_tflops(fake("TPU v5")) == 459.0
+  assert hardware.peak_tflops(fake("cpu")) is None
