@@ -70,3 +70,17 @@ def run_cli(module, *args, devices=1, timeout=300, **overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache shared by a module's train runs and their subprocesses."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+  cc.reset_cache()

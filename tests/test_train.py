@@ -40,18 +40,7 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache shared by this session's train runs and subprocesses."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  path = str(tmp_path_factory.getbasetemp() / "jax_cache")
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  cc.reset_cache()
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def read_metrics(workdir):
