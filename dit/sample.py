@@ -353,7 +353,8 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool =
     raise UserError(f"Bad config.model: {e}") from e
   # Restored as saved (no target): only the params are needed, not the optimizer's config,
   # and converted checkpoints of models dit.train cannot initialise load too.
-  mngr = ocp.CheckpointManager(ckpt_dir)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  mngr = ocp.CheckpointManager(ckpt_dir, item_handlers=handlers)
   state, errors = None, []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
