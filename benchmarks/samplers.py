@@ -32,34 +32,20 @@ STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm")
 STEPS = (5, 10, 20, 40, 80, 160)
 
 
-def gaussian_denoiser(schedule):
-  """Exact E[eps | x_t] for data N(MU, VAR I) at (fractional) timesteps t (B,)."""
-  log_k = jnp.log(schedule.sigmas)
-
-  def denoise(x, t):
-    k = jnp.exp(jnp.interp(t, jnp.arange(schedule.T, dtype=jnp.float32), log_k))
-    a = (1.0 / jnp.sqrt(1.0 + k**2)).reshape((-1,) + (1,) * (x.ndim - 1))
-    s = a * k.reshape(a.shape)
-    return s * (x - a * MU) / (a**2 * VAR + s**2)
-
-  return denoise
-
-
 def nfe(sampler: str, steps: int) -> int:
   return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def analytic_errors(num: int) -> dict:
   schedule = schedules.make_schedule()
-  den = gaussian_denoiser(schedule)
+  den = schedules.gaussian_eps_predictor(schedule, MU, VAR)
   x_T = jax.random.normal(jax.random.key(0), (num, 1))
-  ab = float(schedule.alphas_cumprod[-1])
-  exact = MU + np.sqrt(VAR) * (np.asarray(x_T) - np.sqrt(ab) * MU) / np.sqrt(ab * VAR + 1 - ab)
+  exact = schedules.gaussian_ode_solution(schedule, x_T, MU, VAR)
   out = {}
   for name in samplers.SAMPLERS:
     rows = []
     for steps in STEPS:
-      if name == "lcm" and steps > 50:
+      if name == "lcm" and steps > samplers.LCM_MAX_STEPS:
         continue
       run = jax.jit(functools.partial(samplers.sample, den, sampler=name, steps=steps))
       x = np.asarray(run(x_T, jax.random.key(1), schedule), np.float64)

@@ -191,29 +191,15 @@ MU, VAR = 0.5, 0.25  # data ~ N(MU, VAR I)
 
 
 def gaussian_denoiser(schedule):
-  """The exact eps-predictor E[eps | x_t] for data N(MU, VAR), at fractional timesteps."""
-  log_k = jnp.log(schedule.sigmas)
-
-  def denoise(x, t):
-    k = jnp.exp(jnp.interp(t, jnp.arange(schedule.T, dtype=jnp.float32), log_k))
-    a = (1.0 / jnp.sqrt(1.0 + k**2)).reshape((-1,) + (1,) * (x.ndim - 1))
-    s = a * k.reshape(a.shape)
-    return s * (x - a * MU) / (a**2 * VAR + s**2)
-
-  return denoise
-
-
-def exact_ode_solution(schedule, x_T):
-  """Probability-flow ODE map from t = T-1 to 0 for Gaussian data: an affine map."""
-  ab = float(schedule.alphas_cumprod[-1])
-  return MU + np.sqrt(VAR) * (x_T - np.sqrt(ab) * MU) / np.sqrt(ab * VAR + 1 - ab)
+  return schedules.gaussian_eps_predictor(schedule, MU, VAR)
 
 
 def _ode_error(schedule, sampler, steps, x_T):
   x = samplers.sample(
     gaussian_denoiser(schedule), x_T, jax.random.key(0), schedule, sampler=sampler, steps=steps
   )
-  return float(jnp.sqrt(jnp.mean((x - exact_ode_solution(schedule, np.asarray(x_T))) ** 2)))
+  exact = schedules.gaussian_ode_solution(schedule, x_T, MU, VAR)
+  return float(np.sqrt(np.mean((np.asarray(x, np.float64) - exact) ** 2)))
 
 
 @pytest.mark.parametrize(
