@@ -62,7 +62,7 @@ def check_interval(interval, schedule: Schedule | None) -> None:
 def cfg_denoise(
   model_fn: Callable[[Array, Array, dict | None], Array],
   cond: dict[str, Any] | None,
-  scale: float,
+  scale: float | Array,
   *,
   interval: tuple[float, float] | None = None,
   schedule: Schedule | None = None,
@@ -74,7 +74,8 @@ def cfg_denoise(
     model_fn: (x (N, ...), t (N,), cond dict) -> output (N, ..., C_out); cond rows with
       cond["drop"] True use the null condition.
     cond: the conditioning for B rows (e.g. {"label": (B,)}), or None.
-    scale: guidance scale w (1 = no guidance; the batch is then not doubled).
+    scale: guidance scale w (1 = no guidance; the batch is then not doubled), or one per
+      row, (B,) (consistency distillation samples w per example).
     interval: optional (sigma_lo, sigma_hi), see the module docstring; needs `schedule`.
     rescale: guidance rescale phi in [0, 1].
   """
@@ -83,8 +84,11 @@ def cfg_denoise(
   if not 0.0 <= rescale <= 1.0:
     raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
 
+  if not isinstance(scale, int | float) and jnp.ndim(scale) not in (0, 1):
+    raise ValueError(f"guidance scale must be a number or (B,), got shape {jnp.shape(scale)}")
+
   def denoise(x: Array, t: Array) -> Array:
-    if scale == 1.0:
+    if isinstance(scale, int | float) and scale == 1.0:
       return model_fn(x, t, cond)
     b, c = x.shape[0], x.shape[-1]
     out = model_fn(
@@ -92,12 +96,16 @@ def cfg_denoise(
     )
     out_c, out_u = out[:b], out[b:]
     pc, pu = out_c[..., :c], out_u[..., :c]
-    guided = pu + scale * (pc - pu)
+    w = jnp.asarray(scale, jnp.float32)
+    w = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
+    guided = pu + w * (pc - pu)
     if rescale > 0.0:
       axes = tuple(range(1, x.ndim))
       std_c = jnp.std(pc, axis=axes, keepdims=True)
       std_g = jnp.std(guided, axis=axes, keepdims=True)
-      guided = rescale * guided * (std_c / std_g) + (1.0 - rescale) * guided
+      # A constant guided output (std 0) is left as it is rather than divided by zero.
+      ratio = jnp.where(std_g > 0, std_c / jnp.where(std_g > 0, std_g, 1.0), 1.0)
+      guided = rescale * guided * ratio + (1.0 - rescale) * guided
     if interval is not None:
       sig = sigma_at(schedule, t)
       on = (sig >= interval[0]) & (sig <= interval[1])
