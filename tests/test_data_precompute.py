@@ -155,7 +155,8 @@ def test_identity_vae_and_demo_t5_encoders(tmp_path):
   np.testing.assert_array_equal(rec["latent"][1], source[5]["image"][:, ::-1])
   assert rec["text"].shape == (32, 64) and rec["text_mask"].shape == (32,)
   emb, mask = encode_text([source[5]["caption"]])
-  np.testing.assert_allclose(rec["text"], emb[0], atol=1e-6)
+  # Encoded in a batch of 4 there and of 1 here: XLA's float rounding may differ by an ulp.
+  np.testing.assert_allclose(rec["text"], emb[0], atol=1e-5)
   np.testing.assert_array_equal(rec["text_mask"], mask[0])
   assert 0 < mask.sum() < 32  # Byte tokens of "a handwritten digit five" + EOS.
 
