@@ -13,6 +13,7 @@ blocks_{i}/{attn,cross_attn,mlp,adaLN_modulation_1,scale_shift_table}, final_lay
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -100,13 +101,14 @@ class TimestepEmbedder(nn.Module):
   freq_dim: int = 256
   freq_shift: float = 0.0
   dtype: Any = jnp.float32
+  out_init: Callable = normal_02
 
   @nn.compact
   def __call__(self, t):
     x = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
     x = nn.Dense(self.hidden_size, kernel_init=normal_02, dtype=self.dtype, name="mlp_0")(x)
     x = nn.silu(x)
-    return nn.Dense(self.hidden_size, kernel_init=normal_02, dtype=self.dtype, name="mlp_2")(x)
+    return nn.Dense(self.hidden_size, kernel_init=self.out_init, dtype=self.dtype, name="mlp_2")(x)
 
 
 class Mlp(nn.Module):
@@ -290,6 +292,10 @@ class DiT(nn.Module):
       block cross-attends to after its self-attention; plain LayerNorm); "in_context" (the
       2 embeddings appended to the image tokens and dropped before the final layer; plain
       LayerNorm). The variants other than "adaln_zero" need adaln="zero", caption_channels=0.
+    guidance_embedding: a consistency-distilled (LCM) student: cond["guidance"] (B,), the
+      classifier-free guidance scale w, is embedded as a timestep of 1000 w and added to the
+      timestep embedding. The embedder's output layer starts at zero, so a student made from
+      a teacher's params computes exactly the teacher at initialisation.
   """
 
   input_size: int = 32
@@ -314,6 +320,7 @@ class DiT(nn.Module):
   dtype: Any = "float32"
   remat: bool = False
   conditioning: str = "adaln_zero"
+  guidance_embedding: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -357,6 +364,11 @@ class DiT(nn.Module):
       raise ValueError(f"cond['label'] must have shape ({b},), got {jnp.shape(cond['label'])}")
     if "drop" in cond and jnp.shape(cond["drop"]) != (b,):
       raise ValueError(f"cond['drop'] must have shape ({b},), got {jnp.shape(cond['drop'])}")
+    if self.guidance_embedding and jnp.shape(cond.get("guidance")) != (b,):
+      raise ValueError(
+        "guidance_embedding=True needs cond['guidance'] (the guidance scale) of shape "
+        f"({b},), got {jnp.shape(cond['guidance']) if 'guidance' in cond else 'none'}"
+      )
     if "text" in cond:
       text = cond["text"]
       if text.ndim != 3 or text.shape[0] != b or text.shape[2] != self.caption_channels:
@@ -379,7 +391,7 @@ class DiT(nn.Module):
       t: (B,) timesteps, float or int, in [0, T).
       cond: optional dict with "label" (B,) int in [0, num_classes], "text" (B, L,
         caption_channels), "text_mask" (B, L) (1 = real token), "drop" (B,) bool (use the
-        null condition on these rows).
+        null condition on these rows), "guidance" (B,) float (with guidance_embedding).
       train: apply label/caption dropout with probability class_dropout_prob.
 
     Returns:
@@ -421,6 +433,11 @@ class DiT(nn.Module):
     if self.size_conditioning:
       size = self._size_embedding(cond, b, dtype)
       c, t_emb = c + size, t_emb + size
+    if self.guidance_embedding:
+      w_emb = TimestepEmbedder(d, dtype=dtype, out_init=nn.initializers.zeros, name="w_embedder")(
+        1000.0 * jnp.asarray(cond["guidance"], jnp.float32)
+      )
+      c, t_emb = c + w_emb, t_emb + w_emb
     cond_tokens.insert(0, t_emb)
 
     # Caption: replace dropped rows by the null caption, then project to the hidden size.
@@ -534,6 +551,8 @@ def example_inputs(model: DiT, batch_size: int = 1) -> tuple[jax.Array, jax.Arra
   if model.size_conditioning:
     cond["resolution"] = jnp.zeros((b, 2), jnp.float32)
     cond["aspect_ratio"] = jnp.zeros((b, 1), jnp.float32)
+  if model.guidance_embedding:
+    cond["guidance"] = jnp.ones((b,), jnp.float32)
   return x, t, cond
 
 
