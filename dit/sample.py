@@ -52,6 +52,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     "learn_sigma",
     "eta",
     "cfg_scale",
+    "lcm_original_steps",
   ),
 )
 def _generate(
@@ -68,6 +69,7 @@ def _generate(
   steps,
   prediction,
   learn_sigma,
+  lcm_original_steps,
 ):
   noise_key, sample_key = jax.random.split(key)
   x_T = jax.random.normal(noise_key, shape, jnp.float32)
@@ -75,7 +77,12 @@ def _generate(
   def model_fn(x, t, c):
     return model.apply({"params": params}, x, t, c)
 
-  if cond is None:
+  if model.guidance_embedding:
+    # A consistency-distilled student learnt the guided teacher: the scale is an input and
+    # each step is one unguided pass.
+    guided = dict(cond or {}, guidance=jnp.full((shape[0],), cfg_scale, jnp.float32))
+    denoise = lambda x, t: model_fn(x, t, guided)
+  elif cond is None:
     denoise = lambda x, t: model_fn(x, t, None)
   else:
     denoise = guidance.cfg_denoise(model_fn, cond, cfg_scale)
@@ -89,6 +96,7 @@ def _generate(
     prediction=prediction,
     learn_sigma=learn_sigma,
     eta=eta,
+    lcm_original_steps=lcm_original_steps,
   )
 
 
@@ -107,15 +115,23 @@ def generate(
 ) -> jax.Array:
   """Samples `num` images (num, H, W, C) in [-1, 1]; `cond` holds (num, ...) arrays.
 
-  Latent models (config.vae.path set) return the unclipped latents; see `decode`.
+  Latent models (config.vae.path set) return the unclipped latents; see `decode`. Students of
+  consistency distillation (model.guidance_embedding) get cfg_scale as an input instead of
+  guidance, and the LCM sampler uses their distillation grid (config.distill).
   """
   s = config.sample
   sampler = sampler or s.sampler
   if sampler not in samplers.SAMPLERS:
     raise UserError(f"Unknown sampler {sampler!r}; valid samplers: {', '.join(samplers.SAMPLERS)}.")
-  steps = steps or s.steps
+  steps = s.steps if steps is None else steps
   if not 1 <= steps <= config.diffusion.num_timesteps:
     raise UserError(f"--steps must be in [1, {config.diffusion.num_timesteps}], got {steps}.")
+  if sampler == "lcm" and not 1 <= steps <= samplers.LCM_MAX_STEPS:
+    raise UserError(
+      f"--steps for the LCM sampler must be in [1, {samplers.LCM_MAX_STEPS}], got {steps}; "
+      "a consistency model gains nothing from more steps."
+    )
+  lcm_original_steps = config.distill.num_ddim_timesteps if "distill" in config else 50
   m = config.model
   images = _generate(
     params,
@@ -130,6 +146,7 @@ def generate(
     steps=steps,
     prediction=config.diffusion.prediction,
     learn_sigma=m.learn_sigma,
+    lcm_original_steps=lcm_original_steps,
   )
   return images if vae_path(config) else jnp.clip(images, -1.0, 1.0)
 

@@ -18,6 +18,10 @@ Parallelism (config.parallelism):
 Both save the same checkpoint layout (unstacked, unsharded shapes), so a checkpoint restores
 onto any device count, mesh or path.
 
+Consistency distillation (config.distill, see dit/distill.py) runs through the same loop:
+the update step takes the frozen teacher's params as a third argument and minimises the
+LCM objective (dit.diffusion.consistency) with the EMA params as the target network.
+
 Failure handling: a non-finite loss or gradient skips the update (counted); more than
 config.max_bad_steps consecutive ones stop the run. SIGTERM saves a checkpoint at the next
 step boundary and exits with 143. A checkpoint that cannot be read is skipped for the
@@ -43,10 +47,10 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from ml_collections import config_flags
 
-from dit import hardware, parallel
+from dit import distill, hardware, parallel
 from dit.cli import UserError, run_command
 from dit.data import pipeline
-from dit.diffusion import losses, schedules
+from dit.diffusion import consistency, guidance, losses, schedules
 from dit.models import dit as dit_model
 
 State = dict[str, Any]
@@ -83,6 +87,8 @@ def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> N
     raise UserError(
       f"config.step_remat_policy must be '' or one of {REMAT_POLICIES}, got {policy!r}."
     )
+  if distill.enabled(config):
+    distill.check_config(config)
   if eval_every(config):
     from dit import evaluate as evaluate_lib
 
@@ -119,7 +125,7 @@ def eval_every(config: ml_collections.ConfigDict) -> int:
 
 
 # Sections whose change makes an old checkpoint meaningless for this run.
-_RESUME_SECTIONS = ("model", "diffusion", "data", "seed", "batch_size")
+_RESUME_SECTIONS = ("model", "diffusion", "data", "seed", "batch_size", "distill")
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -174,12 +180,17 @@ def model_input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]
   return (m.input_size, m.input_size, m.in_channels)
 
 
-def init_state(config: ml_collections.ConfigDict, model, tx) -> State:
-  """The whole training state as a pytree: what a checkpoint holds (float32 params)."""
+def init_state(config: ml_collections.ConfigDict, model, tx, init_params=None) -> State:
+  """The whole training state as a pytree: what a checkpoint holds (float32 params).
+
+  init_params: a distillation teacher's params; they replace the fresh ones they cover.
+  """
   key = jax.random.PRNGKey(config.seed)
   init_key, train_key = jax.random.split(key)
   x = jnp.zeros((1, *model_input_shape(config)), jnp.float32)
   params = model.init(init_key, x, jnp.zeros((1,), jnp.float32), example_cond(config, 1))["params"]
+  if init_params is not None:
+    params = distill.student_params(params, init_params)
   return {
     "step": jnp.zeros((), jnp.int32),
     "params": params,
@@ -200,6 +211,8 @@ def example_cond(config: ml_collections.ConfigDict, batch: int) -> dict | None:
     length = config.data.get("max_text_length", 120)
     cond["text"] = jnp.zeros((batch, length, config.model.caption_channels), jnp.float32)
     cond["text_mask"] = jnp.ones((batch, length), jnp.int32)
+  if config.model.get("guidance_embedding", False):
+    cond["guidance"] = jnp.ones((batch,), jnp.float32)
   return cond or None
 
 
@@ -210,12 +223,16 @@ def batch_cond(batch: dict) -> dict:
 # ---- The update step -----------------------------------------------------------------
 
 
-def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | None):
-  """Returns `update(state, batch) -> (state, metrics)`, pure and jittable.
+def make_update_fn(
+  config, model, schedule, tx, lr_schedule, axis_name: str | None, teacher_model=None
+):
+  """Returns `update(state, batch, teacher) -> (state, metrics)`, pure and jittable.
 
   With `axis_name` it runs inside pmap: the batch is this device's slice, gradients
   and metrics are averaged over the axis. Mixed precision is the model's compute dtype
   (config.model.dtype): params, gradients, optimizer state and EMA stay float32.
+  teacher: the frozen teacher's params, needed for consistency distillation (when
+  `teacher_model` is given), unused otherwise.
   """
   d, o = config.diffusion, config.optim
   drop_prob = config.model.get("class_dropout_prob", 0.0)
@@ -256,11 +273,48 @@ def make_update_fn(config, model, schedule, tx, lr_schedule, axis_name: str | No
     )
     return loss.mean()
 
-  def update(state, batch):
+  def distill_loss_fn(params, micro, target, teacher):
+    """The consistency-distillation loss, the EMA params `target` being the target network."""
+    x0, keys = micro["x0"], micro["keys"]
+    dc = config.distill
+    per_example = lambda fn, i: jax.vmap(lambda k: fn(jax.random.fold_in(k, i)))(keys)
+    index = per_example(lambda k: jax.random.randint(k, (), 0, dc.num_ddim_timesteps), 0)
+    noise = per_example(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
+    w = per_example(
+      lambda k: jax.random.uniform(k, (), minval=dc.guidance_min, maxval=dc.guidance_max), 2
+    )
+    cond = batch_cond(micro)
+    student_cond = dict(cond, guidance=w)
+    teacher_fn = guidance.cfg_denoise(
+      lambda x, t, c: teacher_model.apply({"params": teacher}, x, t, c), cond, w
+    )
+    loss, _ = consistency.distillation_loss(
+      lambda x, t: forward(params, x, t, student_cond),
+      teacher_fn,
+      lambda x, t: model.apply({"params": target}, x, t, student_cond),
+      x0,
+      schedule,
+      index=index,
+      noise=noise,
+      num_ddim_timesteps=dc.num_ddim_timesteps,
+      prediction=d.prediction,
+      solver=dc.solver,
+      distance=dc.distance,
+      huber_c=dc.huber_c,
+      timestep_scaling=dc.timestep_scaling,
+    )
+    return loss.mean()
+
+  def update(state, batch, teacher=None):
     x0 = batch["latent"] if "latent" in batch else batch["image"]
     micro = dict(batch_cond(batch), x0=x0, keys=example_keys(state, x0.shape[0]))
     k = config.grad_accum_steps
-    grad_fn = jax.value_and_grad(loss_fn)
+    if teacher_model is None:
+      grad_fn = jax.value_and_grad(loss_fn)
+    else:
+      grad_fn = jax.value_and_grad(
+        lambda params, mb: distill_loss_fn(params, mb, state["ema_params"], teacher)
+      )
     if k == 1:
       loss, grads = grad_fn(state["params"], micro)
     else:
@@ -583,6 +637,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   )
   init_fn = functools.partial(init_state, config, model, tx)
   abstract_state = jax.eval_shape(init_fn)
+  teacher_model, teacher = None, {}
+  if distill.enabled(config):
+    teacher_model, teacher = distill.load_teacher(config)
 
   # Shardings of the (unstacked) state: replicated for pmap, by the rules for the mesh.
   replicated = parallel.replicated(mesh)
@@ -595,21 +652,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
   )
 
-  # Update step: pmap or jit over the mesh; the state buffers are donated.
+  # Update step: pmap or jit over the mesh; the state buffers are donated. A distillation
+  # teacher is placed like the params: replicated (pmap) or by the sharding rules (mesh).
   if use_pmap:
-    update = make_update_fn(config, model, schedule, tx, lr_schedule, axis_name="batch")
+    update = make_update_fn(
+      config, model, schedule, tx, lr_schedule, axis_name="batch", teacher_model=teacher_model
+    )
     step_fn = jax.pmap(update, axis_name="batch", donate_argnums=(0,))
     to_device = functools.partial(parallel.pmap_batch, mesh=mesh)
+    teacher_sharding = jax.tree.map(lambda _: replicated, teacher)
   else:
-    update = make_update_fn(config, model, schedule, tx, lr_schedule, axis_name=None)
+    update = make_update_fn(
+      config, model, schedule, tx, lr_schedule, axis_name=None, teacher_model=teacher_model
+    )
     batch_sharding = parallel.batch_sharding(mesh)
+    teacher_sharding = parallel.state_sharding(
+      teacher, mesh, min_fsdp_size=config.mesh.get("fsdp_min_size", 2**14)
+    )
     step_fn = jax.jit(
       update,
-      in_shardings=(state_sharding, batch_sharding),
+      in_shardings=(state_sharding, batch_sharding, teacher_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,),
     )
     to_device = functools.partial(parallel.global_batch, sharding=batch_sharding)
+  teacher = jax.device_put(teacher, teacher_sharding)
 
   # Restore the latest checkpoint, or initialise.
   mngr = checkpoint_manager(workdir, config)
@@ -618,6 +685,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   if restored is not None:
     state, data_state = restored
     data_iter.set_state(data_state)
+  elif teacher_model is not None:  # The student starts as the teacher.
+    state = jax.jit(lambda t: init_fn(init_params=t), out_shardings=state_sharding)(teacher)
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)()
   start_step = int(parallel.first_value(state["step"]))
@@ -625,6 +694,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     print(f"Resumed from step {start_step}.", flush=True)
   if use_pmap:
     state = parallel.stack_for_pmap(state, mesh)
+    teacher = parallel.stack_for_pmap(teacher, mesh)
 
   def host_state():
     """The unstacked state: what checkpoints hold."""
@@ -660,9 +730,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       batch = to_device(_model_inputs(next(data_iter)))
       data_state = data_iter.get_state()  # Points at the batch after this one.
       if compiled is None:
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = step_fn.lower(state, batch, teacher).compile()
         window_start = time.perf_counter()  # Steps/s without the compile.
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, teacher)
       step += 1
       window.append(metrics)
       if progress is not None:

@@ -35,11 +35,11 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_config(**overrides):
-  """configs/digits.py with TINY_OVERRIDES and `overrides` ("a.b" keys as a__b)."""
+def tiny_config(config_file: str = "configs/digits.py", **overrides):
+  """`config_file` (configs/digits.py) with TINY_OVERRIDES and `overrides` ("a.b" keys as a__b)."""
   from dit.cli import load_config
 
-  config = load_config(str(ROOT / "configs/digits.py"))
+  config = load_config(str(ROOT / config_file))
   for key, value in {
     **TINY_OVERRIDES,
     **{k.replace("__", "."): v for k, v in overrides.items()},

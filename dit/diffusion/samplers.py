@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit.diffusion import editing, schedules
+from dit.diffusion import consistency, editing, schedules
 from dit.diffusion.schedules import Schedule
 
 Array = jax.Array
@@ -49,6 +49,7 @@ SAMPLERS = (
   "lcm",
 )
 SPACINGS = ("leading", "trailing", "linspace")
+LCM_MAX_STEPS = 8
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -381,14 +382,19 @@ def unipc_plan(grid: dict) -> Plan:
 
 
 def lcm_timesteps(num_timesteps: int, steps: int, original_steps: int = 50) -> np.ndarray:
-  """LCM's timesteps (steps,): a subset of the distillation grid k - 1, 2k - 1, ..."""
-  if not 1 <= steps <= original_steps <= num_timesteps:
+  """LCM's timesteps (steps,), descending: a subset of the distillation grid k - 1, 2k - 1, ...
+
+  steps is 1..LCM_MAX_STEPS: a consistency model maps any point to x0, so more steps only
+  re-noise and re-denoise (LCM reports no gain beyond 4-8).
+  """
+  if not 1 <= steps <= LCM_MAX_STEPS:
+    raise ValueError(f"LCM sampling takes 1 to {LCM_MAX_STEPS} steps, got steps={steps}")
+  if not steps <= original_steps <= num_timesteps:
     raise ValueError(
-      f"LCM needs 1 <= steps <= lcm_original_steps <= T, got steps={steps}, "
+      f"LCM needs steps <= lcm_original_steps <= T, got steps={steps}, "
       f"lcm_original_steps={original_steps}, T={num_timesteps}"
     )
-  k = num_timesteps // original_steps
-  origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+  origin = consistency.ddim_timesteps(num_timesteps, original_steps)[::-1]
   idx = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
   return origin[idx]
 
@@ -400,12 +406,11 @@ def lcm_plan(grid: dict, *, timestep_scaling: float = 10.0, sigma_data: float = 
   noise (none after the last step).
   """
   n = grid["t"].shape[0]
-  ts = grid["t"] * timestep_scaling
+  c_skip, c_out = consistency.boundary_conditions(
+    grid["t"], timestep_scaling=timestep_scaling, sigma_data=sigma_data
+  )
   infos = dict(
-    grid,
-    c_skip=sigma_data**2 / (ts**2 + sigma_data**2),
-    c_out=ts / jnp.sqrt(ts**2 + sigma_data**2),
-    noisy=jnp.asarray(np.arange(n) < n - 1, jnp.float32),
+    grid, c_skip=c_skip, c_out=c_out, noisy=jnp.asarray(np.arange(n) < n - 1, jnp.float32)
   )
 
   def step(carry, info, predict, noise):
