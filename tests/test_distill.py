@@ -19,7 +19,7 @@ from conftest import ROOT, tiny_config
 from dit import distill, train
 from dit import sample as sample_lib
 from dit.cli import UserError
-from dit.diffusion import consistency, guidance, samplers, schedules
+from dit.diffusion import consistency, samplers, schedules
 from dit.models import dit as dit_model
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -144,33 +144,6 @@ def test_huber_and_l2_distances():
   np.testing.assert_allclose(hub, np.sqrt(d**2 + 1e-6) - 1e-3, rtol=1e-4)
   with pytest.raises(ValueError, match="Unknown consistency distance 'l1'"):
     consistency.distillation_loss(shift, zero, zero, x0, schedule, distance="l1", **kw)
-
-
-def test_guidance_with_one_scale_per_row():
-  """cfg_denoise with scales (B,) equals row-by-row guidance with each scalar."""
-
-  def model_fn(x, t, c):
-    drop = c.get("drop", jnp.zeros(x.shape[0], bool))
-    scale = jnp.where(drop, 1.0, 2.0) + t * jnp.where(drop, 0, c["label"])
-    return x * scale[:, None, None, None]
-
-  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
-  t = jnp.asarray([1.0, 2.0, 3.0])
-  cond = {"label": jnp.asarray([1, 2, 3])}
-  w = jnp.asarray([1.0, 2.5, 4.0])
-  out = guidance.cfg_denoise(model_fn, cond, w)(x, t)
-  for i in range(3):
-    row = guidance.cfg_denoise(model_fn, {"label": cond["label"][i : i + 1]}, float(w[i]) + 0.0)
-    np.testing.assert_allclose(out[i : i + 1], row(x[i : i + 1], t[i : i + 1]), rtol=1e-6)
-  with pytest.raises(ValueError, match="guidance scale must be a number or"):
-    guidance.cfg_denoise(model_fn, cond, jnp.ones((3, 1)))
-
-
-def test_guidance_rescale_of_a_constant_output_is_finite():
-  model_fn = lambda x, t, c: jnp.ones_like(x)
-  cond = {"label": jnp.asarray([1, 2])}
-  out = guidance.cfg_denoise(model_fn, cond, 4.0, rescale=0.7)(jnp.zeros((2, 2, 2, 1)), jnp.ones(2))
-  np.testing.assert_array_equal(out, 1.0)
 
 
 # ---------------------------------------------------------------------------- the student

@@ -1,4 +1,5 @@
-"""Classifier-free guidance: formula on all channels, one batched call, interval, rescale."""
+"""Classifier-free guidance: formula on all channels, one batched call, interval, rescale,
+per-row scales."""
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,30 @@ def test_bad_interval():
     guidance.cfg_denoise(_model([]), None, 2.0, interval=(0.1, 1.0))
   with pytest.raises(ValueError, match="rescale"):
     guidance.cfg_denoise(_model([]), None, 2.0, rescale=2.0)
+
+
+def test_guidance_with_one_scale_per_row():
+  """cfg_denoise with scales (B,) equals row-by-row guidance with each scalar."""
+
+  def model_fn(x, t, c):
+    drop = c.get("drop", jnp.zeros(x.shape[0], bool))
+    scale = jnp.where(drop, 1.0, 2.0) + t * jnp.where(drop, 0, c["label"])
+    return x * scale[:, None, None, None]
+
+  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+  t = jnp.asarray([1.0, 2.0, 3.0])
+  cond = {"label": jnp.asarray([1, 2, 3])}
+  w = jnp.asarray([1.0, 2.5, 4.0])
+  out = guidance.cfg_denoise(model_fn, cond, w)(x, t)
+  for i in range(3):
+    row = guidance.cfg_denoise(model_fn, {"label": cond["label"][i : i + 1]}, float(w[i]) + 0.0)
+    np.testing.assert_allclose(out[i : i + 1], row(x[i : i + 1], t[i : i + 1]), rtol=1e-6)
+  with pytest.raises(ValueError, match="guidance scale must be a number or"):
+    guidance.cfg_denoise(model_fn, cond, jnp.ones((3, 1)))
+
+
+def test_guidance_rescale_of_a_constant_output_is_finite():
+  model_fn = lambda x, t, c: jnp.ones_like(x)
+  cond = {"label": jnp.asarray([1, 2])}
+  out = guidance.cfg_denoise(model_fn, cond, 4.0, rescale=0.7)(jnp.zeros((2, 2, 2, 1)), jnp.ones(2))
+  np.testing.assert_array_equal(out, 1.0)
