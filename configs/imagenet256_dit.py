@@ -105,5 +105,22 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   c.sample.num = 64
   c.sample.use_ema = True
 
+  # The VAE that decodes samples (grids, FID): a diffusers AutoencoderKL directory such as
+  # sd-vae-ft-ema; "" leaves samples as latents.
+  c.vae = ml_collections.ConfigDict()
+  c.vae.path = ""
+
+  # FID during training (eval.every > 0) and in dit.evaluate, with ADM's reference batch
+  # statistics (python -m dit.fid_stats). The paper's FID-50K: --config.eval.num_samples=50000.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.metric = "fid"
+  c.eval.every = 0
+  c.eval.num_samples = 10_000
+  c.eval.batch_size = 250
+  c.eval.best_metric = "fid"
+  c.eval.best_mode = "min"
+  c.eval.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
+  c.eval.ref_stats = ""  # .npz with mu/sigma (ADM's VIRTUAL_imagenet256_labeled.npz works).
+
   c.lock()
   return c

@@ -52,8 +52,10 @@ def generate_samples(config, model, params, key, num: int, batch_size: int):
   return np.concatenate(images), labels
 
 
-def evaluate(config: ml_collections.ConfigDict, model, params, key: jax.Array) -> dict:
-  """Samples config.eval.num_samples images and returns the metrics as floats."""
+def check_eval_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for an evaluation that cannot run, before any sampling (or training)."""
+  if "eval" not in config:
+    raise UserError("This config has no eval section; add config.eval (see configs/digits.py).")
   e = config.eval
   if e.metric not in METRICS:
     raise UserError(f"config.eval.metric must be one of {METRICS}, got {e.metric!r}.")
@@ -62,6 +64,22 @@ def evaluate(config: ml_collections.ConfigDict, model, params, key: jax.Array) -
       f"config.eval.num_samples and batch_size must be positive, got {e.num_samples}, "
       f"{e.batch_size}."
     )
+  if e.metric == "fid":
+    for field in ("inception_path", "ref_stats"):
+      if not e.get(field) or not os.path.exists(e[field]):
+        raise UserError(f"config.eval.{field} must name an existing file, got {e.get(field)!r}.")
+    channels = config.model.in_channels
+    if channels not in (1, 3) and not sample_lib.vae_path(config):
+      raise UserError(
+        f"FID needs RGB images, but the model makes {channels}-channel latents and "
+        "config.vae.path is empty; set it to the VAE that decodes them."
+      )
+
+
+def evaluate(config: ml_collections.ConfigDict, model, params, key: jax.Array) -> dict:
+  """Samples config.eval.num_samples images and returns the metrics as floats."""
+  check_eval_config(config)
+  e = config.eval
   start = time.perf_counter()
   images, labels = generate_samples(config, model, params, key, e.num_samples, e.batch_size)
   if not np.all(np.isfinite(images)):
@@ -95,9 +113,6 @@ def fid_metrics(config, images: np.ndarray) -> dict:
   from dit.models import inception
 
   e = config.eval
-  for field in ("inception_path", "ref_stats"):
-    if not e.get(field) or not os.path.exists(e[field]):
-      raise UserError(f"config.eval.{field} must name an existing file, got {e.get(field)!r}.")
   fn = inception.make_feature_fn(inception.load_inception_variables(e.inception_path))
   uint8 = sample_lib.to_uint8(images)
   if uint8.shape[-1] == 1:

@@ -92,10 +92,7 @@ def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> N
   if eval_every(config):
     from dit import evaluate as evaluate_lib
 
-    if config.eval.metric not in evaluate_lib.METRICS:
-      raise UserError(
-        f"config.eval.metric must be one of {evaluate_lib.METRICS}, got {config.eval.metric!r}."
-      )
+    evaluate_lib.check_eval_config(config)  # Now, not after the first eval.every steps.
     if config.eval.best_mode not in ("min", "max"):
       raise UserError(
         f"config.eval.best_mode must be 'min' or 'max', got {config.eval.best_mode!r}."

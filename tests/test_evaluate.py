@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import ROOT, run_cli, tiny_config
 
 from dit import evaluate, train
 from dit.cli import UserError
@@ -61,3 +61,27 @@ def test_bad_eval_config(override, message):
   params = jax.jit(model.init)(jax.random.PRNGKey(0), *dit_model.example_inputs(model))["params"]
   with pytest.raises(UserError, match=message):
     evaluate.evaluate(config, model, params, jax.random.PRNGKey(0))
+
+
+def test_fid_config_is_checked_before_sampling_or_training(tmp_path):
+  """FID needs its two files and RGB images; a latent model needs config.vae.path. All of it
+  is checked up front: by dit.evaluate before sampling, by dit.train before step 1."""
+  from dit.cli import load_config
+
+  config = load_config(str(ROOT / "configs/imagenet256_dit.py:S/2"))
+  assert config.eval.metric == "fid" and config.eval.every == 0 and config.vae.path == ""
+  weights, stats = tmp_path / "inception.pth", tmp_path / "ref.npz"
+  weights.write_bytes(b"x")
+  stats.write_bytes(b"x")
+  config.eval.inception_path = str(weights)
+  with pytest.raises(UserError, match="config.eval.ref_stats must name an existing file"):
+    evaluate.check_eval_config(config)
+  config.eval.ref_stats = str(stats)
+  with pytest.raises(UserError, match="4-channel latents and config.vae.path is empty"):
+    evaluate.check_eval_config(config)
+  config.vae.path = str(tmp_path)
+  evaluate.check_eval_config(config)
+  config.eval.every = 1000
+  config.eval.ref_stats = str(tmp_path / "missing.npz")
+  with pytest.raises(UserError, match="config.eval.ref_stats must name an existing file"):
+    train.check_config(config, 1)
