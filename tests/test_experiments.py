@@ -10,7 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from experiments import ablations, scaling, sweep  # noqa: E402
+from experiments import ablations, distill_digits, scaling, sweep  # noqa: E402
 
 DIGITS = str(ROOT / "configs/digits.py")
 # Tiny runs: 16x16 digits, patch 4 (16 tokens), a few steps, a few samples in 2 DDIM steps.
@@ -147,3 +147,22 @@ def test_two_arm_ablation_end_to_end(tmp_path):
   assert _is_png(tmp_path / "docs" / "ablations_sampler_nfe.png")
   with pytest.raises(ValueError, match="Unknown ablations"):
     ablations.run_ablations(["nope"], str(runs), str(out), ablations=arms)
+
+
+def test_distill_digits_report(tmp_path):
+  """experiments/distill_digits.py: the edge-noise measure and the files it writes."""
+  assert distill_digits.real_edge_noise() < 0.1  # Real digits: blank edges.
+  noisy = np.random.default_rng(0).uniform(-1, 1, (50, 8, 8, 1))
+  assert distill_digits.edge_noise(noisy) > 0.5
+  rows = [
+    dict(model=m, sampler=s, steps=n, cfg_scale=4.0, accuracy=1.0, digits_fd=30.0, edge_noise=0.2)
+    for m, s, n in distill_digits.ARMS
+  ]
+  for r in rows:
+    r["ms_per_image"] = 1.5
+  distill_digits.write_markdown(rows, str(tmp_path / "d.md"), 1000)
+  table = (tmp_path / "d.md").read_text()
+  assert "| student | lcm | 1 | 1.000 | 30.0 | 0.200 | 1.50 |" in table
+  grids = {arm: np.zeros((100, 8, 8, 1)) for arm in distill_digits.GRID_ARMS}
+  distill_digits.write_figure(grids, str(tmp_path / "d.png"))
+  assert (tmp_path / "d.png").stat().st_size > 1000
