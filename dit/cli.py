@@ -38,6 +38,28 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def config_diffs(old: dict, new: dict, sections, ignore=()) -> list[tuple[str, object, object]]:
+  """(dotted key, old value, new value) for every leaf of `sections` that differs.
+
+  old, new: configs as plain dicts (e.g. two config.json files); keys in `ignore` (dotted,
+  like "model.dtype") are skipped.
+  """
+  diffs = []
+
+  def walk(a, b, prefix):
+    if prefix in ignore:
+      return
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b)):
+        walk(a.get(k), b.get(k), f"{prefix}.{k}")
+    elif a != b:
+      diffs.append((prefix, a, b))
+
+  for section in sections:
+    walk(old.get(section), new.get(section), section)
+  return diffs
+
+
 def unknown_config_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
   """Returns a message if `dotted` (e.g. "model.depth") is not a key of `config`."""
   node, walked = config, []

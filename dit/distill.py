@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from dit.cli import UserError
+from dit.cli import UserError, config_diffs
 from dit.diffusion import consistency
 
 # Model fields that may differ between teacher and student: how the same network is
@@ -87,14 +87,13 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   with open(path) as f:
     teacher = json.load(f)
   student = json.loads(config.to_json_best_effort())
-  diffs = []
-  for section in ("model", "diffusion"):
-    old, new = teacher.get(section, {}), student.get(section, {})
-    for key in sorted(set(old) | set(new)):
-      if section == "model" and key in COMPUTE_FIELDS:
-        continue
-      if old.get(key) != new.get(key):
-        diffs.append(f"{section}.{key}: teacher {old.get(key)!r}, student {new.get(key)!r}")
+  sections = ("model", "diffusion")
+  ignore = [f"model.{key}" for key in COMPUTE_FIELDS]
+  old = {s: teacher.get(s, {}) for s in sections}  # A missing section: every field differs.
+  new = {s: student.get(s, {}) for s in sections}
+  diffs = [
+    f"{key}: teacher {a!r}, student {b!r}" for key, a, b in config_diffs(old, new, sections, ignore)
+  ]
   if diffs:
     raise UserError(
       f"The teacher in {workdir} does not match the student's config; differing fields: "

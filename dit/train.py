@@ -48,7 +48,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from dit import distill, hardware, parallel
-from dit.cli import UserError, run_command
+from dit.cli import UserError, config_diffs, run_command
 from dit.data import pipeline
 from dit.diffusion import consistency, guidance, losses, schedules
 from dit.models import dit as dit_model
@@ -133,17 +133,10 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
-  diffs = []
-
-  def walk(a, b, prefix):
-    if isinstance(a, dict) and isinstance(b, dict):
-      for k in sorted(set(a) | set(b)):
-        walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    elif a != b:
-      diffs.append(f"{prefix}: checkpoint has {a!r}, config has {b!r}")
-
-  for section in _RESUME_SECTIONS:
-    walk(old.get(section), new.get(section), section)
+  diffs = [
+    f"{key}: checkpoint has {a!r}, config has {b!r}"
+    for key, a, b in config_diffs(old, new, _RESUME_SECTIONS)
+  ]
   if diffs:
     raise UserError(
       f"{workdir} holds a run with an incompatible config; use a new --workdir or the "
