@@ -240,15 +240,18 @@ def make_update_fn(
     step_key = jax.random.fold_in(state["rng"], state["step"])
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(offset + jnp.arange(num))
 
+  def per_example(keys, fn, i):
+    """fn(key) for each example's i-th subkey: draws that do not depend on how the batch is
+    split over devices or micro-batches."""
+    return jax.vmap(lambda k: fn(jax.random.fold_in(k, i)))(keys)
+
   def loss_fn(params, micro):
     x0, keys = micro["x0"], micro["keys"]
     cond = batch_cond(micro)
-    # Timestep, noise and the label/caption dropout for CFG, drawn per example so that
-    # they do not depend on how the batch is split over devices or micro-batches.
-    per_example = lambda fn, i: jax.vmap(lambda k: fn(jax.random.fold_in(k, i)))(keys)
-    t = per_example(lambda k: jax.random.randint(k, (), 0, schedule.T), 0)
-    noise = per_example(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
-    cond["drop"] = per_example(lambda k: jax.random.bernoulli(k, drop_prob), 2)
+    # Timestep, noise and the label/caption dropout for CFG.
+    t = per_example(keys, lambda k: jax.random.randint(k, (), 0, schedule.T), 0)
+    noise = per_example(keys, lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
+    cond["drop"] = per_example(keys, lambda k: jax.random.bernoulli(k, drop_prob), 2)
     loss, _ = losses.diffusion_loss(
       lambda x_t, t: forward(params, x_t, t, cond),
       x0,
@@ -267,11 +270,10 @@ def make_update_fn(
     """The consistency-distillation loss, the EMA params `target` being the target network."""
     x0, keys = micro["x0"], micro["keys"]
     dc = config.distill
-    per_example = lambda fn, i: jax.vmap(lambda k: fn(jax.random.fold_in(k, i)))(keys)
-    index = per_example(lambda k: jax.random.randint(k, (), 0, dc.num_ddim_timesteps), 0)
-    noise = per_example(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
+    index = per_example(keys, lambda k: jax.random.randint(k, (), 0, dc.num_ddim_timesteps), 0)
+    noise = per_example(keys, lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
     w = per_example(
-      lambda k: jax.random.uniform(k, (), minval=dc.guidance_min, maxval=dc.guidance_max), 2
+      keys, lambda k: jax.random.uniform(k, (), minval=dc.guidance_min, maxval=dc.guidance_max), 2
     )
     cond = batch_cond(micro)
     student_cond = dict(cond, guidance=w)
@@ -656,9 +658,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       config, model, schedule, tx, lr_schedule, axis_name=None, teacher_model=teacher_model
     )
     batch_sharding = parallel.batch_sharding(mesh)
-    teacher_sharding = parallel.state_sharding(
-      teacher, mesh, min_fsdp_size=config.mesh.get("fsdp_min_size", 2**14)
-    )
+    teacher_sharding = parallel.state_sharding(teacher, mesh, min_fsdp_size=fsdp_min)
     step_fn = jax.jit(
       update,
       in_shardings=(state_sharding, batch_sharding, teacher_sharding),
