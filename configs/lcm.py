@@ -10,10 +10,11 @@ section below (see dit/distill.py), the LCM optimiser settings (the EMA with dec
 the target network) and LCM sampling. configs/digits_lcm.py is the tuned digits version.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from dit.cli import load_config
 
 
 def base_config(arg: str) -> ml_collections.ConfigDict:
@@ -22,10 +23,7 @@ def base_config(arg: str) -> ml_collections.ConfigDict:
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name.removesuffix('.py')}.py")
   if not os.path.isfile(path):
     raise ValueError(f"no teacher config {path!r} (the argument is a config name in configs/)")
-  spec = importlib.util.spec_from_file_location(f"_dit_base_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(sub) if sub else module.get_config()
+  return load_config(f"{path}:{sub}" if sub else path)
 
 
 def make_student(
