@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_parallel
 from conftest import ROOT, tiny_config
 
-from dit import distill, parallel, train
+from dit import distill, train
 from dit import sample as sample_lib
 from dit.cli import UserError
 from dit.diffusion import consistency, samplers, schedules
@@ -288,40 +289,11 @@ def test_mesh_with_sharded_teacher_matches_one_device(runs, tmp_path, compilatio
   """The student on a 2-device FSDP mesh (teacher params sharded by the same rules) ends
   where the one-device pmap run did, up to float summation order."""
   teacher, _, state = runs
-  driver = (
-    "import json, sys\n"
-    "import jax, numpy as np\n"
-    "sys.path.insert(0, 'tests')\n"
-    "from conftest import tiny_config\n"
-    "from dit import parallel, train\n"
-    "workdir, overrides = json.loads(sys.argv[1])\n"
-    "state = train.train_and_evaluate(tiny_config('configs/digits_lcm.py', **overrides), workdir)\n"
-    "leaves = jax.tree_util.tree_leaves_with_path(state['params'])\n"
-    "flat = {parallel.path_str(p): np.asarray(x) for p, x in leaves}\n"
-    "np.savez(workdir + '/params.npz', **flat)\n"
-  )
   mesh = {"parallelism": "mesh", "mesh.data": 1, "mesh.fsdp": 2, "mesh.fsdp_min_size": 256}
-  workdir = str(tmp_path / "fsdp2")
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    JAX_COMPILATION_CACHE_DIR=compilation_cache,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_DEFAULT_MATMUL_PRECISION="highest",
-  )
-  arg = json.dumps([workdir, {"distill.teacher_workdir": teacher, **mesh}])
-  done = subprocess.run(
-    [sys.executable, "-c", driver, arg], cwd=ROOT, env=env, capture_output=True, text=True
-  )
-  assert done.returncode == 0, done.stderr[-4000:]
-  with np.load(os.path.join(workdir, "params.npz")) as f:
-    got = dict(f)
-  leaves = jax.tree_util.tree_leaves_with_path(state["params"])
-  want = {parallel.path_str(p): np.asarray(x) for p, x in leaves}
-  assert got.keys() == want.keys()
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
+  student = {"config_file": LCM, "distill.teacher_workdir": teacher, **mesh}
+  workdirs = test_parallel.run_devices({"fsdp2": student}, tmp_path, 2, compilation_cache)
+  got = test_parallel.load_npz(workdirs["fsdp2"])
+  test_parallel.assert_params_close(got, test_parallel.flat_params(state["params"]), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- bad input
