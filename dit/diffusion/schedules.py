@@ -153,6 +153,36 @@ def make_schedule(
   return schedule_from_betas(betas)
 
 
+# config.diffusion fields that shape the schedule, with the defaults of `make_schedule`.
+SCHEDULE_FIELDS = {
+  "schedule": "linear",
+  "num_timesteps": 1000,
+  "beta_start": 1e-4,
+  "beta_end": 0.02,
+  "zero_terminal_snr": False,
+  "cosine_s": 0.008,
+  "max_beta": 0.999,
+}
+
+
+def from_config(diffusion_config) -> Schedule:
+  """The schedule of `config.diffusion` (a ConfigDict or dict); absent fields take defaults.
+
+  Every option of `make_schedule` is reachable: schedule (the kind), num_timesteps,
+  beta_start, beta_end, zero_terminal_snr, cosine_s, max_beta.
+  """
+  d = {k: diffusion_config.get(k, v) for k, v in SCHEDULE_FIELDS.items()}
+  return make_schedule(
+    d["schedule"],
+    d["num_timesteps"],
+    beta_start=d["beta_start"],
+    beta_end=d["beta_end"],
+    zero_terminal_snr=d["zero_terminal_snr"],
+    cosine_s=d["cosine_s"],
+    max_beta=d["max_beta"],
+  )
+
+
 def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
   """Reshapes per-example values (B,) (or a scalar) to broadcast against x (B, ...)."""
   a = jnp.asarray(a, x.dtype)
