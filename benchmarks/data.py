@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dit.data import make_train_iterator
-from dit.data.precompute import META, shard_name
+from dit.data.precomputed import META, shard_name
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "data.json")
 

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from dit.data import make_train_iterator
+from dit.data import make_train_iterator, precomputed
+from dit.data import precompute as precompute_lib
 from dit.data.digits import DigitsSource
-from dit.data.precompute import PrecomputedSource, precompute
+from dit.data.precompute import load_encoders, precompute
+from dit.data.precomputed import PrecomputedSource
 
 
 class Subset:
@@ -134,9 +136,15 @@ def test_precomputed_errors(tmp_path):
     run(tmp_path / "q", dtype="int8")
 
 
-def test_identity_vae_and_demo_t5_encoders(tmp_path):
-  from dit.data.precompute import load_encoders
+def test_format_names_are_one_and_still_importable_from_precompute():
+  # The reader module owns the format; the writer (and benchmarks/data.py) use the same names.
+  assert precompute_lib.META is precomputed.META == "meta.json"
+  assert precompute_lib.shard_name is precomputed.shard_name
+  assert precompute_lib.PrecomputedSource is PrecomputedSource
+  assert precomputed.shard_name("latent", 3, 12) == "latent-00003-of-00012.npy"
 
+
+def test_identity_vae_and_demo_t5_encoders(tmp_path):
   encode_images, encode_text = load_encoders("identity", "demo", text_len=32)
   source = Subset(DigitsSource(16, captions=True), 6)
   precompute(
@@ -165,8 +173,6 @@ def test_identity_vae_and_demo_t5_encoders(tmp_path):
 def test_real_vae_encoder_matches_diffusers_posterior(tmp_path):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  from dit.data.precompute import load_encoders
-
   torch.manual_seed(0)
   vae = diffusers.AutoencoderKL(
     block_out_channels=(8, 16),

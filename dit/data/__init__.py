@@ -1,5 +1,10 @@
 """Input pipelines: embedded digits, TFDS, image folders, precomputed latents.
 
+Modules: sources (digits.py, tfds.py, folders.py, precomputed.py: the on-disk latent format
+and its reader), preprocess.py (decode, resize, flip), text.py (caption embedding),
+pipeline.py (make_source, Loader, make_train_iterator) and precompute.py (the writer of
+precomputed datasets and its command, built on the pipeline's sources and Loader).
+
 `make_train_iterator(config.data, global_batch_size=, seed=, process_index=, process_count=)`
 reads these `config.data` fields (all optional, defaults in brackets):
 

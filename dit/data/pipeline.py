@@ -25,6 +25,8 @@ import grain
 import numpy as np
 
 from dit.data import digits, preprocess
+from dit.data.folders import CaptionFolderSource, ImageFolderSource
+from dit.data.precomputed import PrecomputedSource
 
 Batch = dict[str, np.ndarray]
 
@@ -254,15 +256,9 @@ def make_source(data_config: Any) -> Any:
     if not path:
       raise ValueError(f"config.data.name={name!r} needs config.data.path")
     if name == "folder":
-      from dit.data.folders import ImageFolderSource
-
       return ImageFolderSource(path)
     if name == "captions":
-      from dit.data.folders import CaptionFolderSource
-
       return CaptionFolderSource(path, missing_caption=get("missing_caption", "raise"))
-    from dit.data.precompute import PrecomputedSource
-
     return PrecomputedSource(path)
   raise ValueError(
     f"unknown config.data.name={name!r}; expected 'digits', 'tfds:<name>', 'folder', "

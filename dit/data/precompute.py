@@ -1,17 +1,13 @@
-"""Encode a dataset once (VAE latents of both flips, T5 embeddings) and stream it back.
+"""Encode a dataset once (VAE latents of both flips, T5 embeddings): the writer and its command.
 
   python -m dit.data.precompute --config=configs/imagenet256_dit.py --out=DIR \
       [--vae=DIR] [--t5=DIR] [--batch_size=64] [--shard_size=4096] [--dtype=float16]
 
-Output (fast-DiT style, one sample of the VAE posterior per image and flip):
-  DIR/meta.json                                    counts, shapes, dtype, shard size
-  DIR/latent-SSSSS-of-NNNNN.npy   (n, 2, h, w, c)  [unflipped, flipped], VAE scale applied
-  DIR/label-SSSSS-of-NNNNN.npy    (n,) int32
-  DIR/text-SSSSS-of-NNNNN.npy     (n, L, D)        only with a text encoder and captions
-  DIR/text_mask-SSSSS-of-NNNNN.npy (n, L) int32
-Shard s holds records [s*shard_size, (s+1)*shard_size). Process p of P writes shards
+Output (fast-DiT style, one sample of the VAE posterior per image and flip): meta.json and
+.npy shards of latents (both flips), labels and optional text embeddings, in the layout of
+dit/data/precomputed.py, whose `PrecomputedSource(DIR)` reads them back through memory maps
+(the fast training path, `config.data.name = "precomputed"`). Process p of P writes shards
 s = p (mod P); finished shards are skipped, so a killed run resumes where it stopped.
-`PrecomputedSource(DIR)` reads them back through memory maps (the fast training path).
 """
 
 import json
@@ -20,23 +16,45 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-META = "meta.json"
-FIELDS = ("latent", "label", "text", "text_mask")
+from dit.data.pipeline import Loader, make_source
+from dit.data.precomputed import FIELDS, META, PrecomputedSource, shard_name
+
+__all__ = ["FIELDS", "META", "PrecomputedSource", "load_encoders", "precompute", "shard_name"]
+
+# The format names live in dit.data.precomputed; they stay importable from here too.
 
 EncodeImages = Callable[[np.ndarray, Any], np.ndarray]  # (B,H,W,3) [-1,1], key -> (B,h,w,c)
 EncodeText = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # -> (B,L,D), (B,L)
-
-
-def shard_name(field: str, shard: int, num_shards: int) -> str:
-  return f"{field}-{shard:05d}-of-{num_shards:05d}.npy"
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
   tmp = path + ".tmp.npy"
   np.save(tmp, array)
   os.replace(tmp, path)  # A killed run never leaves a half-written shard.
+
+
+def _encode_batch(
+  records: list[dict], key: Any, encode_images: EncodeImages, encode_text: EncodeText | None
+) -> dict[str, np.ndarray]:
+  """{"latent": (B, 2, h, w, c) [unflipped, flipped], "label"[, "text", "text_mask"]}."""
+  images = np.stack([r["image"] for r in records]).astype(np.float32)
+  both = np.concatenate([images, images[:, :, ::-1]])
+  latents = np.asarray(encode_images(both, key), np.float32)
+  b = len(records)
+  out = {
+    "latent": np.stack([latents[:b], latents[b:]], axis=1),
+    "label": np.asarray([r["label"] for r in records], np.int32),
+  }
+  if encode_text is not None and "caption" in records[0]:
+    emb, mask = encode_text([r["caption"] for r in records])
+    out["text"], out["text_mask"] = np.asarray(emb, np.float32), np.asarray(mask)
+  return out
 
 
 def precompute(
@@ -67,10 +85,6 @@ def precompute(
       fold_in(key(seed), i): the output depends on (seed, batch_size), not on process_count.
     dtype: storage dtype of latents and text embeddings ("float32" or "float16").
   """
-  import jax  # Lazy: reading shards back needs no JAX.
-
-  from dit.data.pipeline import Loader
-
   if dtype not in ("float32", "float16"):
     raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
   if shard_size <= 0 or batch_size <= 0:
@@ -94,16 +108,9 @@ def precompute(
     outs = {f: [] for f in FIELDS}
     for start in range(lo, hi, batch_size):
       records = [loader(i) for i in range(start, min(start + batch_size, hi))]
-      images = np.stack([r["image"] for r in records]).astype(np.float32)
-      both = np.concatenate([images, images[:, :, ::-1]])
-      latents = np.asarray(encode_images(both, jax.random.fold_in(key, start)), np.float32)
-      b = len(records)
-      outs["latent"].append(np.stack([latents[:b], latents[b:]], axis=1).astype(store))
-      outs["label"].append(np.asarray([r["label"] for r in records], np.int32))
-      if encode_text is not None and "caption" in records[0]:
-        emb, mask = encode_text([r["caption"] for r in records])
-        outs["text"].append(np.asarray(emb, np.float32).astype(store))
-        outs["text_mask"].append(np.asarray(mask).astype(np.int32))
+      batch_key = jax.random.fold_in(key, start)
+      for field, array in _encode_batch(records, batch_key, encode_images, encode_text).items():
+        outs[field].append(array.astype(store if field in ("latent", "text") else np.int32))
     for field in ("latent", "text", "text_mask", "label"):
       if outs[field]:
         array = np.concatenate(outs[field])
@@ -125,80 +132,6 @@ def precompute(
   return meta
 
 
-class PrecomputedSource:
-  """Random access to precomputed shards: {"latent": (2, h, w, c), "label"[, "text", "text_mask"]}.
-
-  Shards are memory-mapped, so a record read touches only its own bytes.
-  """
-
-  def __init__(self, path: str):
-    meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-      raise FileNotFoundError(
-        f"{meta_path!r} not found: {path!r} is not a precomputed dataset; create one with "
-        "`python -m dit.data.precompute --config=... --out=DIR`"
-      )
-    with open(meta_path) as f:
-      self.meta = json.load(f)
-    self.path = path
-    self.num_records = self.meta["num_records"]
-    self.shard_size = self.meta["shard_size"]
-    num_shards = self.meta["num_shards"]
-    self.fields = [
-      f for f in FIELDS if os.path.exists(os.path.join(path, shard_name(f, 0, num_shards)))
-    ]
-    if "latent" not in self.fields:
-      raise FileNotFoundError(f"precomputed dataset {path!r} has no latent shards")
-    self.arrays = {}
-    for field in self.fields:
-      names = [shard_name(field, s, num_shards) for s in range(num_shards)]
-      missing = [m for m in names if not os.path.exists(os.path.join(path, m))]
-      if missing:
-        raise FileNotFoundError(
-          f"precomputed dataset {path!r} lacks {len(missing)} of {num_shards} {field} shards "
-          f"(e.g. {missing[0]}); finish the precompute run (it resumes) on all processes"
-        )
-      self.arrays[field] = [np.load(os.path.join(path, m), mmap_mode="r") for m in names]
-    sizes = [len(a) for a in self.arrays["latent"]]
-    if sum(sizes) != self.num_records:
-      raise ValueError(
-        f"precomputed dataset {path!r}: shards hold {sum(sizes)} records, meta.json says "
-        f"{self.num_records}"
-      )
-
-  def __len__(self) -> int:
-    return self.num_records
-
-  def __getitem__(self, index: int) -> dict:
-    shard, offset = divmod(int(index), self.shard_size)
-    return {field: np.asarray(self.arrays[field][shard][offset]) for field in self.fields}
-
-  def read_batch(self, indices: np.ndarray, flips: np.ndarray) -> dict:
-    """Vectorised read of records `indices` (B,), one gather per shard touched.
-
-    Returns {"latent": (B, h, w, c), the flipped copy where `flips` (B,) bool, "label": (B,)
-    [, "text": (B, L, D), "text_mask": (B, L)]}; only the chosen flip is read from disk.
-    """
-    shards, offsets = np.divmod(np.asarray(indices, np.int64), self.shard_size)
-    flips = np.asarray(flips, np.intp)
-    out = {}
-    for field in self.fields:
-      first = self.arrays[field][0]
-      shape = first.shape[2:] if field == "latent" else first.shape[1:]
-      values = np.empty((len(indices), *shape), first.dtype)
-      for shard in np.unique(shards):
-        sel = shards == shard
-        if field == "latent":
-          values[sel] = self.arrays[field][shard][offsets[sel], flips[sel]]
-        else:
-          values[sel] = self.arrays[field][shard][offsets[sel]]
-      out[field] = values
-    return out
-
-  def __repr__(self) -> str:
-    return f"PrecomputedSource({self.path!r}, n={len(self)}, fields={self.fields})"
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -213,8 +146,6 @@ def load_encoders(
     t5: T5 directory (TextEncoder.from_pretrained), "demo" (the offline random T5 of
       `TextEncoder.offline_demo`), or None for no text.
   """
-  import jax.numpy as jnp
-
   if vae == "identity":
     encode_images = lambda images, key: np.asarray(images, np.float32)
   else:
@@ -236,10 +167,6 @@ def load_encoders(
 
 def main(argv: list[str]) -> None:
   del argv
-  from absl import flags
-
-  from dit.data.pipeline import make_source
-
   f = flags.FLAGS
   cfg = f.config
   encode_images, encode_text = load_encoders(f.vae, f.t5, f.text_len)
@@ -264,9 +191,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "Config file; its `data` section is encoded.")
   flags.DEFINE_string("out", None, "Output directory for shards and meta.json.")
   flags.DEFINE_string("vae", None, "diffusers AutoencoderKL directory, or 'identity' (pixels).")
