@@ -26,44 +26,28 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 DIT_CONFIG = os.path.join(ROOT, "configs", "imagenet256_dit.py")
 
 
-def parse_overrides(spec: str) -> dict[str, Any]:
-  """ "depth=1,hidden_size=64" -> {"depth": 1, "hidden_size": 64} (ints, floats, bools, str)."""
-  out = {}
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"model override {item!r} is not of the form key=value (e.g. depth=2)")
-    for cast in (int, float):
-      try:
-        out[key] = cast(value)
-        break
-      except ValueError:
-        pass
-    else:
-      out[key] = {"true": True, "false": False}.get(value.lower(), value)
-  return out
-
-
 def dit_config(
   model: str, *, batch: int, dtype: str, attention: str, remat: bool, overrides: str = ""
 ) -> ml_collections.ConfigDict:
   """configs/imagenet256_dit.py:<model> with the benchmark's settings applied.
 
   overrides: "key=value,..." on config.model (e.g. "depth=1,hidden_size=64,num_heads=2"),
-  for tiny smoke-test runs. An unknown key is a ValueError naming the valid ones.
+  for tiny smoke-test runs; values are typed by `dit.cli.apply_overrides`. An unknown key
+  or a value of the wrong type is a `dit.cli.UserError` naming the valid keys or the type.
   """
-  from dit.cli import load_config
+  from dit import cli
 
-  config = load_config(f"{DIT_CONFIG}:{model}")
-  config.batch_size = batch
-  config.parallelism = "mesh"
-  settings = {"dtype": dtype, "attention_impl": attention, "remat": remat}
-  settings.update(parse_overrides(overrides))
-  for key, value in settings.items():
-    if key not in config.model:
-      raise ValueError(f"unknown model field {key!r}; config.model has {sorted(config.model)}")
-    config.model[key] = value
-  return config
+  config = cli.load_config(f"{DIT_CONFIG}:{model}")
+  settings = {
+    "batch_size": batch,
+    "parallelism": "mesh",
+    "model.dtype": dtype,
+    "model.attention_impl": attention,
+    "model.remat": remat,
+  }
+  config = cli.apply_overrides(config, settings)
+  items = [f"model.{item.strip()}" for item in overrides.split(",") if item.strip()]
+  return cli.apply_overrides(config, items)
 
 
 def versions() -> dict[str, str]:

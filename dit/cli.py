@@ -1,39 +1,84 @@
-"""Command-line plumbing shared by the `dit.*` commands: flags, clean errors.
+"""Command-line plumbing shared by the `dit.*` commands: flags, configs, clean errors.
 
 Configs come from `--config=configs/x.py[:arg]` with `--config.key=value` overrides
 (ml_collections config_flags). A bad flag or a user error ends the program with one
 line on stderr and exit code 2, not a traceback.
+
+Scripts that build configs themselves (experiments/, benchmarks/) use the same two
+builders: `load_config("path.py[:arg]")` and `apply_overrides(config, ["a.b=1", ...])`.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import importlib.util
+import os
 import sys
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
+
+# "dotted.key=value" strings, or {dotted key: value} (values taken as they are).
+Overrides = Sequence[str] | Mapping[str, Any]
 
 
 class UserError(Exception):
   """An error in the user's input (config, paths, arguments): shown as one line."""
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` by calling its `get_config(arg)`; the result is locked."""
-  path, _, arg = spec.partition(":")
+def _one_line(error: Exception) -> str:
+  """`error` as one line; the type is named unless it is a ValueError or UserError."""
+  text = " ".join(str(error).split())
+  if isinstance(error, UserError | ValueError):
+    return text
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_config_module(path: str) -> types.ModuleType:
+  """Executes the config file `path` (.py) and returns it as a (not imported) module.
+
+  Raises UserError naming `path` when the file is missing, is not Python, has a syntax
+  error or raises anything while it is executed.
+  """
+  if not os.path.isfile(path):
+    what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+    raise UserError(f"Config file {path!r} {what}.")
   module_spec = importlib.util.spec_from_file_location("_dit_config", path)
   if module_spec is None or module_spec.loader is None:
     raise UserError(f"Config file {path!r} could not be loaded (expected a .py file).")
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except FileNotFoundError as e:
-    raise UserError(f"Config file {path!r} does not exist.") from e
+  except SyntaxError as e:
+    where = "" if e.filename in (None, path) else f" (in {e.filename})"
+    raise UserError(f"Config file {path!r}: syntax error{where} at line {e.lineno}: {e.msg}") from e
+  except Exception as e:  # Whatever a config file raises, name the file in one line.
+    raise UserError(f"Config file {path!r} failed to load: {_one_line(e)}") from e
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`; the result is locked.
+
+  Every failure (missing file, syntax error, an exception in the file or in get_config)
+  is a one-line UserError naming the file or the spec.
+  """
+  path, _, arg = spec.partition(":")
+  module = load_config_module(path)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise UserError(f"Config file {path!r} defines no get_config() function.")
   try:
-    config = module.get_config(arg) if arg else module.get_config()
-  except (ValueError, KeyError, TypeError) as e:
-    raise UserError(f"Config {spec!r}: {e}") from e
+    config = get_config(arg) if arg else get_config()
+  except Exception as e:
+    raise UserError(f"Config {spec!r}: {_one_line(e)}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    kind = type(config).__name__
+    raise UserError(f"Config {spec!r}: get_config() returned a {kind}, not a ConfigDict.")
   config.lock()
   return config
 
@@ -60,16 +105,154 @@ def config_diffs(old: dict, new: dict, sections, ignore=()) -> list[tuple[str, o
   return diffs
 
 
-def unknown_config_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
-  """Returns a message if `dotted` (e.g. "model.depth") is not a key of `config`."""
+def unknown_config_key(
+  config: ml_collections.ConfigDict, dotted: str, extra: Sequence[str] = ()
+) -> str | None:
+  """Returns a message if `dotted` (e.g. "model.depth") is not a key of `config`.
+
+  extra: dotted keys that are valid too although `config` lacks them (e.g. fields with
+  a default); they are listed with the keys of their level.
+  """
   node, walked = config, []
-  for part in dotted.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      where = ".".join(walked) or "config"
-      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      return f"Unknown config key {dotted!r}: {where!r} has keys {valid}."
+  parts = dotted.split(".")
+  for i, part in enumerate(parts):
+    where = ".".join(walked)
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"Unknown config key {dotted!r}: {where!r} is a value, not a section."
+    more = {k.rpartition(".")[2] for k in extra if k.rpartition(".")[0] == where}
+    if part not in node:
+      if part in more and i == len(parts) - 1:
+        return None
+      valid = sorted({*node.keys(), *more})
+      return f"Unknown config key {dotted!r}: {where or 'config'!r} has keys {valid}."
     node, walked = node[part], [*walked, part]
   return None
+
+
+def _split_overrides(overrides: Overrides) -> list[tuple[str, Any, bool]]:
+  """(dotted key, value, value is command-line text) for each override."""
+  if isinstance(overrides, Mapping):
+    return [(key, value, False) for key, value in overrides.items()]
+  if isinstance(overrides, str):
+    raise TypeError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
+  items = []
+  for item in overrides:
+    key, sep, value = str(item).partition("=")
+    if not sep or not key.strip():
+      raise UserError(f"Override {item!r} is not of the form key=value (e.g. model.depth=2).")
+    items.append((key.strip(), value.strip(), True))
+  return items
+
+
+def _current_value(config: ml_collections.ConfigDict, key: str, defaults: Mapping[str, Any]):
+  """The value `key` has in `config` (or its default): its type is the one expected."""
+  node = config
+  parts = key.split(".")
+  for i, part in enumerate(parts):
+    if isinstance(node, ml_collections.ConfigDict) and part in node:
+      node = node[part]
+    elif isinstance(node, ml_collections.ConfigDict) and key in defaults and i == len(parts) - 1:
+      return defaults[key]
+    else:
+      raise UserError(unknown_config_key(config, key, list(defaults)))
+  if isinstance(node, ml_collections.ConfigDict):
+    raise UserError(f"Config key {key!r} is a section, not a value; set its keys {sorted(node)}.")
+  return node
+
+
+def _parse_text(text: str, kind: type) -> Any:
+  """Command-line text -> a Python literal where it is one (a str field keeps the text)."""
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    value = text
+  if kind is str:
+    return value if isinstance(value, str) else text
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  if text.lower() in ("none", "null"):
+    return None
+  if kind is float and isinstance(value, str):
+    try:
+      return float(text)  # "inf", "nan".
+    except ValueError:
+      pass
+  return value
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+  """`value` as the type of `current` (None takes anything); UserError if it is not one."""
+  if current is None:
+    return value
+  kind = type(current)
+  number = isinstance(value, int | float) and not isinstance(value, bool)
+  if kind is float and number:
+    return float(value)
+  if kind in (tuple, list) and isinstance(value, tuple | list):
+    return kind(value)
+  ok = number and isinstance(value, int) if kind is int else isinstance(value, kind)
+  if not ok:
+    expected = f"a value of type {kind.__name__} (its value is {current!r})"
+    raise UserError(f"Config key {key!r} takes {expected}, got {value!r}.")
+  return value
+
+
+def parse_overrides(
+  config: ml_collections.ConfigDict,
+  overrides: Overrides,
+  *,
+  defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """{dotted key: value} of `overrides`, each checked against `config` (nothing is set).
+
+  Args:
+    config: the config the overrides are for.
+    overrides: "dotted.key=value" strings, whose values are parsed as Python literals (ints,
+      floats, bools (also true/false), None, strings, tuples, lists) where the key's type is
+      not str (a str key takes the text as it is); or a dict {dotted key: value}.
+    defaults: {dotted key: default} of keys `config` may lack (the default gives the type).
+
+  Raises:
+    UserError: an item is not key=value; a key is unknown (the message lists the valid keys
+      of its level) or a section; a value is not of the key's type (int -> float is fine).
+  """
+  defaults = dict(defaults or {})
+  values = {}
+  for key, value, is_text in _split_overrides(overrides):
+    current = _current_value(config, key, defaults)
+    if is_text:
+      value = _parse_text(value, type(current))
+    values[key] = _coerce(key, value, current)
+  return values
+
+
+def apply_overrides(
+  config: ml_collections.ConfigDict,
+  overrides: Overrides,
+  *,
+  defaults: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with `overrides` (see `parse_overrides`) set; `config` is kept.
+
+  A key of `defaults` that `config` lacks is added to its section.
+  """
+  values = parse_overrides(config, overrides, defaults=defaults)
+  config = copy.deepcopy(config)
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      if leaf in node:
+        node[leaf] = value
+      else:
+        with node.unlocked():
+          node[leaf] = value
+    except TypeError as e:  # ml_collections' own check (e.g. a typed placeholder).
+      raise UserError(f"Config key {key!r}: {_one_line(e)}") from e
+  config.lock()
+  return config
 
 
 def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
@@ -89,7 +272,12 @@ def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+      # config_flags defers a failed load (e.g. a missing file) to the first read of a field.
+      raise ValueError(f"--config could not be loaded: {type(config).__name__}")
+    return rest
   except Exception as e:  # absl and config_flags raise many types; explain them all.
     print(f"error: {_explain_flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)

@@ -19,14 +19,15 @@ or resumed by running the same command.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from dit import cli
 from experiments import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +53,12 @@ DIGITS_SCALING = {
 
 def paper_presets() -> dict[str, tuple[int, int, int]]:
   """DiT's sizes, (hidden, depth, heads) per name, from configs/imagenet256_dit.py."""
-  path = ROOT / "configs" / "imagenet256_dit.py"
-  spec = importlib.util.spec_from_file_location("_imagenet256_dit", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return dict(module.MODEL_PRESETS)
+  return dict(_paper_presets())
+
+
+@functools.cache
+def _paper_presets() -> dict[str, tuple[int, int, int]]:
+  return cli.load_config_module(str(ROOT / "configs" / "imagenet256_dit.py")).MODEL_PRESETS
 
 
 def scaled_preset(size: str, scale: float) -> tuple[int, int, int]:
@@ -144,7 +146,7 @@ def run_sweep(
 
   train=False only collects what the run directories hold (re-plot a partial sweep).
   """
-  base = sweep.apply_overrides(sweep.load_base(base_spec), common or {})
+  base = sweep.apply_overrides(cli.load_config(base_spec), common or {})
   evaluate = "eval" in base
   runs = []
   for overrides in spec:
@@ -247,17 +249,10 @@ def define_flags() -> None:
   flags.DEFINE_list("sizes", ["S", "B"], "Model sizes (S, B, L, XL).")
   flags.DEFINE_list("patches", ["4", "2"], "Patch sizes.")
   flags.DEFINE_integer("total_steps", None, "Train steps of every run (the data budget).")
-  flags.DEFINE_list("set", [], "More overrides key=value (JSON values), e.g. data.path=/x.")
+  flags.DEFINE_list("set", [], "More overrides key=value (Python literals), e.g. data.path=/x.")
   flags.DEFINE_string("workdir", "runs/scaling", "Root of the per-run workdirs.")
   flags.DEFINE_string("out", "runs/scaling/scaling", "Output prefix (.json, .png).")
   flags.DEFINE_bool("plot_only", False, "Only collect and plot what the run dirs hold.")
-
-
-def _parse_value(text: str):
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
 
 
 def main(argv):
@@ -268,11 +263,10 @@ def main(argv):
   scale = FLAGS.scale or (6.0 if digits else 1.0)
   if FLAGS.total_steps:
     common.update(total_steps=FLAGS.total_steps, ckpt_every=FLAGS.total_steps)
-  for item in FLAGS.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set takes key=value items, got {item!r}")
-    common[key] = _parse_value(value)
+  # Typed by the base config (and the DiT defaults): a bad key or value stops here, in one line.
+  common.update(
+    cli.parse_overrides(cli.load_config(FLAGS.base), FLAGS.set, defaults=sweep.MODEL_DEFAULTS)
+  )
   spec = sweep_spec(FLAGS.sizes, [int(p) for p in FLAGS.patches], scale)
   results = run_sweep(
     spec,
@@ -288,4 +282,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run_command(main)

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For `benchmarks`.
 
 from benchmarks import common, memory, sample, train, vs_pytorch  # noqa: E402
+from dit.cli import UserError  # noqa: E402
 
 # A one-block DiT on 16x16x4 latents: compiles in seconds.
 TINY = ["--model=S/8", "--overrides=depth=1,hidden_size=64,num_heads=2,input_size=16"]
@@ -23,21 +24,26 @@ def _read(path):
     return json.load(f)
 
 
-def test_parse_overrides():
-  assert common.parse_overrides("depth=1, mlp_ratio=2.5,remat=true,adaln=single") == {
-    "depth": 1,
-    "mlp_ratio": 2.5,
-    "remat": True,
-    "adaln": "single",
-  }
-  with pytest.raises(ValueError, match="key=value"):
-    common.parse_overrides("depth")
+def _config(overrides):
+  return common.dit_config(
+    "S/8", batch=2, dtype="float32", attention="xla", remat=False, overrides=overrides
+  )
+
+
+def test_dit_config_overrides_are_typed_by_the_config():
+  config = _config("depth=1, mlp_ratio=2.5,remat=true,dtype=bfloat16")
+  assert (config.batch_size, config.parallelism, config.model.attention_impl) == (2, "mesh", "xla")
+  assert (config.model.depth, config.model.mlp_ratio, config.model.remat) == (1, 2.5, True)
+  assert config.model.dtype == "bfloat16" and config.is_locked  # Overrides come last.
+  with pytest.raises(UserError, match="key=value"):
+    _config("depth")
 
 
 def test_unknown_model_field_is_an_error():
-  with pytest.raises(ValueError, match="unknown model field 'depht'"):
-    common.dit_config("S/8", batch=2, dtype="float32", attention="xla", remat=False,
-                      overrides="depht=1")  # fmt: skip
+  with pytest.raises(UserError, match=r"Unknown config key 'model.depht': 'model' has keys \["):
+    _config("depht=1")
+  with pytest.raises(UserError, match="'model.depth' takes a value of type int"):
+    _config("depth=1.5")
 
 
 def test_timing_helpers_count_calls():
