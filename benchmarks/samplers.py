@@ -2,8 +2,9 @@
 
 1. Data x0 ~ N(MU, VAR I): the exact eps-predictor is known in closed form, and so is the
    probability-flow ODE map x_T -> x_0 (affine). Deterministic samplers are scored by the RMS
-   distance to that exact solution from the same x_T; stochastic ones (ddpm, euler_ancestral,
-   dpmpp_2m_sde, lcm) by the error of the sample mean and variance, over many samples.
+   distance to that exact solution from the same x_T; stochastic ones (registry entries with
+   deterministic=False: ddpm, euler_ancestral, dpmpp_2m_sde, lcm) by the error of the sample
+   mean and variance, over many samples.
 2. Time per sample on a randomly initialised digits-sized DiT (16x16x1, patch 2, hidden 128,
    depth 4, 4 heads, 10 classes): `sample` jitted as one lax.scan, vs a Python loop calling a
    jitted step function (the same `plan.step`) once per step.
@@ -28,12 +29,7 @@ import numpy as np
 from dit.diffusion import samplers, schedules
 
 MU, VAR = 0.5, 0.25
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm")
 STEPS = (5, 10, 20, 40, 80, 160)
-
-
-def nfe(sampler: str, steps: int) -> int:
-  return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def analytic_errors(num: int) -> dict:
@@ -42,16 +38,20 @@ def analytic_errors(num: int) -> dict:
   x_T = jax.random.normal(jax.random.key(0), (num, 1))
   exact = schedules.gaussian_ode_solution(schedule, x_T, MU, VAR)
   out = {}
-  for name in samplers.SAMPLERS:
+  for name, spec in samplers.SAMPLERS.items():
     rows = []
     for steps in STEPS:
-      if name == "lcm" and steps > samplers.LCM_MAX_STEPS:
+      settings = samplers.SamplerSettings(sampler=name, steps=steps)
+      try:
+        settings.check(schedule.T)
+      except ValueError:  # e.g. LCM takes at most LCM_MAX_STEPS steps
         continue
-      run = jax.jit(functools.partial(samplers.sample, den, sampler=name, steps=steps))
+      nfe = samplers.build_plan(schedule, settings).num_steps
+      run = jax.jit(functools.partial(samplers.sample, den, settings=settings))
       x = np.asarray(run(x_T, jax.random.key(1), schedule), np.float64)
       moment_err = abs(x.mean() - MU) + abs(x.var() - VAR)
-      row = {"steps": steps, "nfe": nfe(name, steps), "moment_error": float(moment_err)}
-      if name not in STOCHASTIC:
+      row = {"steps": steps, "nfe": nfe, "moment_error": float(moment_err)}
+      if spec.deterministic:
         row["ode_rms_error"] = float(np.sqrt(np.mean((x - exact) ** 2)))
       rows.append(row)
     out[name] = rows
@@ -92,11 +92,13 @@ def speed(batch: int, steps: int, repeats: int) -> list[dict]:
 
   rows = []
   for name in ("ddim", "ddpm", "dpmpp_2m", "heun"):
-    kw = dict(sampler=name, steps=steps, learn_sigma=True)
-    scan = jax.jit(lambda x, k, kw=kw: samplers.sample(denoise, x, k, schedule, **kw))
+    settings = samplers.SamplerSettings(sampler=name, steps=steps, variance="learned_range")
+    scan = jax.jit(
+      lambda x, k, s=settings: samplers.sample(denoise, x, k, schedule, s, learn_sigma=True)
+    )
     t_scan = _time(lambda scan=scan: scan(x_T, jax.random.key(2)).block_until_ready(), repeats)
 
-    plan = samplers.build_plan(schedule, sampler=name, steps=steps, variance="learned_range")
+    plan = samplers.build_plan(schedule, settings)
     predict = samplers.make_predict(denoise, plan.space, "eps", True, None)
     keys = jax.random.split(jax.random.key(2), plan.num_steps)
 
@@ -116,7 +118,7 @@ def speed(batch: int, steps: int, repeats: int) -> list[dict]:
     row = {
       "sampler": name,
       "steps": steps,
-      "nfe": nfe(name, steps),
+      "nfe": plan.num_steps,
       "batch": batch,
       "scan_s_per_sample": t_scan / batch,
       "loop_s_per_sample": t_loop / batch,
@@ -136,7 +138,7 @@ def plot(errors: dict, path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for name, rows in errors.items():
     x = [r["nfe"] for r in rows]
-    if name in STOCHASTIC:
+    if not samplers.SAMPLERS[name].deterministic:
       axes[1].loglog(x, [r["moment_error"] for r in rows], "o-", label=name)
     else:
       axes[0].loglog(x, [r["ode_rms_error"] for r in rows], "o-", label=name)

@@ -1,13 +1,21 @@
-"""Samplers: parity with diffusers' schedulers step by step, analytic convergence, errors."""
+"""Samplers: parity with diffusers' schedulers step by step, analytic convergence, errors,
+the registry and the settings."""
 
+import ast
+import dataclasses
 import functools
 import importlib
 import inspect
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from dit.diffusion import samplers, schedules
 
@@ -136,7 +144,8 @@ def test_parity_with_diffusers(name, monkeypatch):
 
   cls_name, ref_kwargs, our_kwargs = CASES[name]
   our_kwargs = {"sampler": name, **our_kwargs}
-  steps = 4 if name == "lcm" else 10
+  model_kwargs = {k: our_kwargs.pop(k) for k in ("prediction", "learn_sigma") if k in our_kwargs}
+  settings = samplers.SamplerSettings(**our_kwargs, steps=4 if name == "lcm" else 10)
   ref_cls = getattr(diffusers, cls_name)
   extra = {}
   if "clip_sample" in inspect.signature(ref_cls.__init__).parameters:
@@ -146,18 +155,10 @@ def test_parity_with_diffusers(name, monkeypatch):
   # Same betas; both sides then use our float64-accumulated alphas_cumprod (rounded to fp32).
   schedule = schedules.schedule_from_betas(sched.betas.double().numpy())
   sched.alphas_cumprod = torch.from_numpy(np.asarray(schedule.alphas_cumprod))
-  sched.set_timesteps(steps)
+  sched.set_timesteps(settings.steps)
 
-  learn_sigma = our_kwargs.get("learn_sigma", False)
-  plan = samplers.build_plan(
-    schedule,
-    **{
-      k: v
-      for k, v in our_kwargs.items()
-      if k in ("sampler", "eta", "timestep_spacing", "karras", "variance")
-    },
-    steps=steps,
-  )
+  learn_sigma = model_kwargs.get("learn_sigma", False)
+  plan = samplers.build_plan(schedule, settings)
   n = plan.num_steps
   assert n == len(sched.timesteps)
   np.testing.assert_allclose(np.asarray(plan.infos["t"]), sched.timesteps.numpy(), atol=1e-4)
@@ -175,7 +176,11 @@ def test_parity_with_diffusers(name, monkeypatch):
 
   sample = jax.jit(
     functools.partial(
-      samplers.sample, jax_model(learn_sigma), steps=steps, return_trajectory=True, **our_kwargs
+      samplers.sample,
+      jax_model(learn_sigma),
+      settings=settings,
+      return_trajectory=True,
+      **model_kwargs,
     )
   )
   x, traj = sample(jnp.asarray(x_T), jax.random.key(0), schedule, noise=jnp.asarray(noises))
@@ -283,3 +288,209 @@ def test_bad_input_errors():
     samplers.sample(den, x, key, schedule, steps=2, learn_sigma=True)
   with pytest.raises(ValueError, match="karras"):
     samplers.sample(den, x, key, schedule, sampler="ddim", karras=True)
+
+
+# ----------------------------------------------------------------------------- registry, settings
+
+KEY = jax.random.key(0)
+
+
+def _config(distill: dict | None = None, **sample):
+  c = ml_collections.ConfigDict()
+  c.sample = {"sampler": "ddim", "steps": 50, "cfg_scale": 4.0, "eta": 0, "num": 16, **sample}
+  c.diffusion = dict(num_timesteps=1000, prediction="eps")
+  if distill is not None:
+    c.distill = {"num_ddim_timesteps": 25, "solver": "ddim", **distill}
+  c.lock()
+  return c
+
+
+@pytest.mark.parametrize(
+  "settings,message",
+  [
+    (dict(sampler="plms"), "valid samplers are: " + ", ".join(samplers.SAMPLERS)),
+    (dict(steps=0), r"steps must be in [1, T=100], got 0"),
+    (dict(steps=2.5), r"steps must be an integer in [1, T=100], got 2.5"),
+    (dict(timestep_spacing="uniform"), "'uniform'; expected one of ('leading', 'trailing'"),
+    (dict(steps_offset=-1), "steps_offset must be an integer >= 0, got -1"),
+    (dict(sampler="lcm", karras=True), "not supported by sampler 'lcm'; samplers with karras "),
+    (dict(sampler="ddpm", variance="small"), "variance 'small'; expected one of ('fixed_small'"),
+    (dict(clip_x0=0.0), "clip_x0 must be > 0 or None, got 0.0"),
+    (dict(sampler="lcm", steps=9), "LCM sampling takes 1 to 8 steps, got steps=9"),
+    (dict(sampler="lcm", steps=4, lcm_original_steps=3), "lcm_original_steps=3, T=100"),
+    (dict(sampler="lcm", steps=4, lcm_original_steps=200), "lcm_original_steps=200, T=100"),
+  ],
+)
+def test_bad_settings_name_the_value_and_the_valid_ones(settings, message):
+  schedule = schedules.make_schedule(num_timesteps=100)
+  s = samplers.SamplerSettings(**settings)
+  for call in (
+    lambda: s.check(100),
+    lambda: samplers.build_plan(schedule, s),
+    lambda: samplers.sample(gaussian_denoiser(schedule), jnp.zeros((1, 2)), KEY, schedule, s),
+  ):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      call()
+
+
+def test_karras_error_lists_the_samplers_that_take_it():
+  with_karras = [name for name, spec in samplers.SAMPLERS.items() if spec.karras]
+  assert with_karras == [
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m",
+    "unipc",
+  ]
+  with pytest.raises(ValueError, match="samplers with karras sigmas: " + ", ".join(with_karras)):
+    samplers.SamplerSettings(sampler="ddim", karras=True).check(1000)
+
+
+def test_unknown_setting_names_the_valid_ones():
+  schedule = schedules.make_schedule()
+  with pytest.raises(TypeError, match=r"\['stpes'\]; valid ones: sampler, steps, eta"):
+    samplers.sample(gaussian_denoiser(schedule), jnp.zeros((1, 2)), KEY, schedule, stpes=4)
+  with pytest.raises(TypeError, match=r"\['cfg'\]"):
+    samplers.SamplerSettings.from_config(_config(), cfg=None)
+
+
+def test_settings_from_config_reads_sample_and_distill_and_applies_overrides():
+  s = samplers.SamplerSettings.from_config(_config())
+  assert s == samplers.SamplerSettings()  # the optional keys default
+  assert isinstance(s.eta, float)  # a config's 0 and 0.0 make the same static jit argument
+
+  fields = dict(
+    sampler="dpmpp_2m",
+    steps=20,
+    timestep_spacing="leading",
+    steps_offset=1,
+    karras=True,
+    clip_x0=1.0,
+  )
+  config = _config(**fields)
+  s = samplers.SamplerSettings.from_config(config, sampler=None, steps=None, eta=None)
+  assert s == samplers.SamplerSettings(**fields)
+  s = samplers.SamplerSettings.from_config(config, steps=7, karras=False, variance=None, eta=1)
+  assert (s.sampler, s.steps, s.karras, s.timestep_spacing) == ("dpmpp_2m", 7, False, "leading")
+  assert repr(s.eta) == "1.0"
+
+  student = _config(distill={}, sampler="lcm", steps=4)
+  assert samplers.SamplerSettings.from_config(student).lcm_original_steps == 25
+  s = samplers.SamplerSettings.from_config(student, sampler="ddpm", variance="fixed_large")
+  assert (s.sampler, s.steps, s.variance, s.lcm_original_steps) == ("ddpm", 4, "fixed_large", 25)
+
+
+def test_settings_from_config_defaults_to_the_samplers_spacing(monkeypatch):
+  ddpm = dataclasses.replace(samplers.SAMPLERS["ddpm"], spacing="leading")
+  monkeypatch.setitem(samplers.SAMPLERS, "ddpm", ddpm)
+  from_config = samplers.SamplerSettings.from_config
+  assert from_config(_config(sampler="ddpm")).timestep_spacing == "leading"
+  assert from_config(_config(), sampler="ddpm").timestep_spacing == "leading"  # the override's
+  assert from_config(_config(sampler="ddpm", timestep_spacing="linspace")).timestep_spacing == (
+    "linspace"
+  )
+  assert from_config(_config()).timestep_spacing == "trailing"
+
+
+def test_settings_from_config_checks_against_the_schedule():
+  with pytest.raises(ValueError, match=re.escape("steps must be in [1, T=1000], got 2000")):
+    samplers.SamplerSettings.from_config(_config(steps=2000))
+  with pytest.raises(ValueError, match="LCM sampling takes 1 to 8 steps, got steps=50"):
+    samplers.SamplerSettings.from_config(_config(), sampler="lcm")
+  with pytest.raises(ValueError, match="valid samplers are"):
+    samplers.SamplerSettings.from_config(_config(sampler="plms"))
+
+
+def test_settings_are_hashable_static_jit_arguments():
+  a = samplers.SamplerSettings(sampler="heun", steps=5, karras=True)
+  b = samplers.SamplerSettings(sampler="heun", steps=5, karras=True)
+  assert a == b and hash(a) == hash(b) and a != dataclasses.replace(a, steps=6)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    a.steps = 6
+  schedule = schedules.make_schedule()
+  traces = []
+
+  @functools.partial(jax.jit, static_argnames="settings")
+  def run(x_T, key, settings):
+    traces.append(settings)
+    return samplers.sample(gaussian_denoiser(schedule), x_T, key, schedule, settings)
+
+  x_T = jax.random.normal(KEY, (8, 1))
+  x_a, x_b = run(x_T, KEY, settings=a), run(x_T, KEY, settings=b)
+  assert len(traces) == 1  # an equal settings object reuses the compiled sampler
+  np.testing.assert_array_equal(x_a, x_b)
+  run(x_T, KEY, settings=dataclasses.replace(a, steps=6))
+  assert len(traces) == 2
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_every_registered_sampler_builds_a_plan_and_samples(name):
+  spec = samplers.SAMPLERS[name]
+  assert spec.description and "\n" not in spec.description
+  assert f"{name}: {spec.description}" in samplers.describe().splitlines()
+  schedule = schedules.make_schedule()
+  settings = samplers.SamplerSettings(sampler=name, steps=4)
+  plan = samplers.build_plan(schedule, settings)
+  assert plan.space in ("vp", "ve") and plan.num_steps >= settings.steps
+  assert all(v.shape[0] == plan.num_steps for v in plan.infos.values())
+  assert samplers.build_plan(schedule, settings, start=1).num_steps < plan.num_steps
+
+  x_T = jax.random.normal(jax.random.key(1), (512, 1))
+  run = lambda key: samplers.sample(gaussian_denoiser(schedule), x_T, key, schedule, settings)
+  x = run(jax.random.key(2))
+  assert x.shape == x_T.shape and bool(jnp.all(jnp.isfinite(x)))
+  # Near the data N(0.5, 0.25), not the prior N(0, 1); 4 steps under-disperse (std ~0.22).
+  assert abs(float(x.mean()) - MU) < 0.05 and 0.1 < float(x.std()) < 0.6
+  # `deterministic` is what the registry claims: the key changes nothing exactly then.
+  same = np.array_equal(x, run(jax.random.key(3)))
+  assert same == spec.deterministic
+  if spec.karras:
+    karras = samplers.build_plan(schedule, dataclasses.replace(settings, karras=True))
+    assert not np.allclose(karras.infos["t"], plan.infos["t"])
+
+
+def test_a_sampler_is_a_plan_and_one_registry_entry(monkeypatch):
+  # A new entry needs no other change: sample, build_plan and the checks find it by name.
+  ddim = samplers.SAMPLERS["ddim"]
+  monkeypatch.setitem(
+    samplers.SAMPLERS,
+    "ddim_leading",
+    dataclasses.replace(
+      ddim,
+      description="DDIM on the leading grid",
+      grid=lambda schedule, s: samplers.discrete_grid(schedule, s.steps, "leading"),
+    ),
+  )
+  schedule = schedules.make_schedule()
+  x_T = jax.random.normal(KEY, (4, 2))
+  den = gaussian_denoiser(schedule)
+  got = samplers.sample(den, x_T, KEY, schedule, sampler="ddim_leading", steps=6)
+  ref = samplers.sample(
+    den, x_T, KEY, schedule, sampler="ddim", steps=6, timestep_spacing="leading"
+  )
+  np.testing.assert_array_equal(got, ref)
+  assert "ddim_leading" in samplers.SAMPLERS and "ddim_leading: DDIM" in samplers.describe()
+
+
+def test_samplers_do_not_import_the_distillation_objective():
+  code = "import sys, dit.diffusion.samplers; print('dit.diffusion.consistency' in sys.modules)"
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+  )
+  assert out.stdout.strip() == "False"
+  imports = [
+    n
+    for n in ast.walk(ast.parse(inspect.getsource(samplers)))
+    if isinstance(n, ast.Import | ast.ImportFrom)
+  ]
+  names = [getattr(n, "module", None) or "" for n in imports] + [
+    a.name for n in imports for a in n.names
+  ]
+  assert not [name for name in names if "consistency" in name]  # no lazy import either
+  # The objective reuses the sampler's grid and boundary conditions under its own names.
+  from dit.diffusion import consistency
+
+  assert consistency.ddim_timesteps is samplers.ddim_timesteps
+  assert consistency.boundary_conditions is samplers.boundary_conditions

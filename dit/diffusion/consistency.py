@@ -16,6 +16,9 @@ The consistency function is f(x, t) = c_skip(t) x + c_out(t) x0_model(x, t) with
 boundary conditions c_skip(0) = 1 and c_out(0) = 0, so f is the identity at t = 0 (LCM's
 parameterisation: c(t) of the timestep scaled by `timestep_scaling`, sigma_data = 0.5).
 Guidance scales use the convention of dit.diffusion.guidance: uncond + w (cond - uncond).
+The grid (`ddim_timesteps`) and the boundary conditions (`boundary_conditions`) are defined
+by the LCM sampler in dit.diffusion.samplers and imported here (and re-exported), so that
+the sampler does not depend on this training objective.
 """
 
 from __future__ import annotations
@@ -24,34 +27,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dit.diffusion import schedules
+from dit.diffusion.samplers import boundary_conditions, ddim_timesteps
 from dit.diffusion.schedules import Schedule
 
 Array = jax.Array
 DISTANCES = ("huber", "l2")
 SOLVERS = ("ddim", "dpmpp_2s")
-
-
-def boundary_conditions(
-  t: Array, *, timestep_scaling: float = 10.0, sigma_data: float = 0.5
-) -> tuple[Array, Array]:
-  """(c_skip(t), c_out(t)), each shaped like t (timesteps in [0, T)); (1, 0) at t = 0."""
-  ts = jnp.asarray(t, jnp.float32) * timestep_scaling
-  c_skip = sigma_data**2 / (ts**2 + sigma_data**2)
-  c_out = ts / jnp.sqrt(ts**2 + sigma_data**2)
-  return c_skip, c_out
-
-
-def ddim_timesteps(num_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
-  """The distillation grid (N,) int32, ascending: (n + 1) * (T // N) - 1 for n < N."""
-  if not 1 <= num_ddim_timesteps <= num_timesteps:
-    raise ValueError(
-      f"num_ddim_timesteps must be in [1, T={num_timesteps}], got {num_ddim_timesteps}"
-    )
-  k = num_timesteps // num_ddim_timesteps
-  return (np.arange(1, num_ddim_timesteps + 1) * k - 1).astype(np.int32)
 
 
 def consistency_fn(

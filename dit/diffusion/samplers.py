@@ -1,4 +1,4 @@
-"""Samplers: one `jax.lax.scan` driver and one small step function per sampler.
+"""Samplers: one `jax.lax.scan` driver, one small step function per sampler, and a registry.
 
 A sampler is instantiated on a time grid as a `Plan`:
   infos:  dict of arrays with a leading axis of length n (one entry per scan step, i.e. per
@@ -14,6 +14,10 @@ starts and the final step to sigma = 0 are flags in `infos`, never Python branch
 model is traced exactly once. Guidance and editing wrap `denoise` or use the plan's
 coefficients; they do not touch the steps.
 
+Every setting of a sampler lives in one frozen, hashable `SamplerSettings` (a static jit
+argument); `SAMPLERS` maps each sampler name to a `SamplerSpec`: its grid builder, its plan
+builder and what it accepts. Adding a sampler = a plan function + one `SAMPLERS` entry.
+
 Conventions: `denoise(x, t)` takes the VP-scaled sample x (B, ...) and float timesteps
 t (B,) in [0, T) and returns the model output (B, ..., C) or (B, ..., 2C) with learned
 sigma. `x_T` is unit Gaussian noise; each plan scales it as diffusers does.
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit.diffusion import consistency, editing, schedules
+from dit.diffusion import editing, schedules
 from dit.diffusion.schedules import Schedule
 
 Array = jax.Array
@@ -36,18 +41,6 @@ Denoise = Callable[[Array, Array], Array]
 # predict(x_native, info) -> (x0, eps, variance interpolation v or None)
 Predict = Callable[[Array, dict], tuple[Array, Array, Array | None]]
 
-SAMPLERS = (
-  "ddpm",
-  "ddim",
-  "euler",
-  "euler_ancestral",
-  "heun",
-  "dpmpp_2m",
-  "dpmpp_2m_sde",
-  "dpmpp_3m",
-  "unipc",
-  "lcm",
-)
 SPACINGS = ("leading", "trailing", "linspace")
 LCM_MAX_STEPS = 8
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -70,10 +63,6 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- time grids
-
-
-def _bcast(a: Array, x: Array) -> Array:
-  return schedules._bcast(a, x)
 
 
 def _ve_to_vp(k: Array) -> tuple[Array, Array]:
@@ -136,6 +125,43 @@ def sigma_grid(
   a, s = _ve_to_vp(k)
   a_next, s_next = _ve_to_vp(k_next)
   return {"t": t, "k": k, "k_next": k_next, "a": a, "s": s, "a_next": a_next, "s_next": s_next}
+
+
+def ddim_timesteps(num_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
+  """The consistency-distillation grid (N,) int32, ascending: (n + 1) * (T // N) - 1, n < N.
+
+  It lives here, not in dit.diffusion.consistency, because the LCM sampler steps on it and a
+  sampler must not import a training objective; consistency.py imports it from here.
+  """
+  if not 1 <= num_ddim_timesteps <= num_timesteps:
+    raise ValueError(
+      f"num_ddim_timesteps must be in [1, T={num_timesteps}], got {num_ddim_timesteps}"
+    )
+  k = num_timesteps // num_ddim_timesteps
+  return (np.arange(1, num_ddim_timesteps + 1) * k - 1).astype(np.int32)
+
+
+def check_lcm_steps(num_timesteps: int, steps: int, original_steps: int) -> None:
+  """LCM's rules: 1 <= steps <= LCM_MAX_STEPS and steps <= original_steps <= T."""
+  if not 1 <= steps <= LCM_MAX_STEPS:
+    raise ValueError(f"LCM sampling takes 1 to {LCM_MAX_STEPS} steps, got steps={steps}")
+  if not steps <= original_steps <= num_timesteps:
+    raise ValueError(
+      f"LCM needs steps <= lcm_original_steps <= T, got steps={steps}, "
+      f"lcm_original_steps={original_steps}, T={num_timesteps}"
+    )
+
+
+def lcm_timesteps(num_timesteps: int, steps: int, original_steps: int = 50) -> np.ndarray:
+  """LCM's timesteps (steps,), descending: a subset of the distillation grid k - 1, 2k - 1, ...
+
+  steps is 1..LCM_MAX_STEPS: a consistency model maps any point to x0, so more steps only
+  re-noise and re-denoise (LCM reports no gain beyond 4-8).
+  """
+  check_lcm_steps(num_timesteps, steps, original_steps)
+  origin = ddim_timesteps(num_timesteps, original_steps)[::-1]
+  idx = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+  return origin[idx]
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -381,22 +407,18 @@ def unipc_plan(grid: dict) -> Plan:
   return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False)
 
 
-def lcm_timesteps(num_timesteps: int, steps: int, original_steps: int = 50) -> np.ndarray:
-  """LCM's timesteps (steps,), descending: a subset of the distillation grid k - 1, 2k - 1, ...
+def boundary_conditions(
+  t: Array, *, timestep_scaling: float = 10.0, sigma_data: float = 0.5
+) -> tuple[Array, Array]:
+  """(c_skip(t), c_out(t)), each shaped like t (timesteps in [0, T)); (1, 0) at t = 0.
 
-  steps is 1..LCM_MAX_STEPS: a consistency model maps any point to x0, so more steps only
-  re-noise and re-denoise (LCM reports no gain beyond 4-8).
+  LCM's consistency parameterisation f = c_skip x + c_out x0, shared by the LCM sampler and
+  the distillation objective (dit.diffusion.consistency imports it from here).
   """
-  if not 1 <= steps <= LCM_MAX_STEPS:
-    raise ValueError(f"LCM sampling takes 1 to {LCM_MAX_STEPS} steps, got steps={steps}")
-  if not steps <= original_steps <= num_timesteps:
-    raise ValueError(
-      f"LCM needs steps <= lcm_original_steps <= T, got steps={steps}, "
-      f"lcm_original_steps={original_steps}, T={num_timesteps}"
-    )
-  origin = consistency.ddim_timesteps(num_timesteps, original_steps)[::-1]
-  idx = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
-  return origin[idx]
+  ts = jnp.asarray(t, jnp.float32) * timestep_scaling
+  c_skip = sigma_data**2 / (ts**2 + sigma_data**2)
+  c_out = ts / jnp.sqrt(ts**2 + sigma_data**2)
+  return c_skip, c_out
 
 
 def lcm_plan(grid: dict, *, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Plan:
@@ -406,7 +428,7 @@ def lcm_plan(grid: dict, *, timestep_scaling: float = 10.0, sigma_data: float = 
   noise (none after the last step).
   """
   n = grid["t"].shape[0]
-  c_skip, c_out = consistency.boundary_conditions(
+  c_skip, c_out = boundary_conditions(
     grid["t"], timestep_scaling=timestep_scaling, sigma_data=sigma_data
   )
   infos = dict(
@@ -421,6 +443,233 @@ def lcm_plan(grid: dict, *, timestep_scaling: float = 10.0, sigma_data: float = 
     return {"x": jnp.where(info["noisy"] > 0, renoised, denoised)}
 
   return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+
+
+# ----------------------------------------------------------------------------- registry
+
+GridFn = Callable[[Schedule, "SamplerSettings"], dict]
+PlanFn = Callable[[dict, "SamplerSettings"], Plan]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """One `SAMPLERS` entry: how a sampler builds its time grid and plan from the settings."""
+
+  description: str  # one line, for --help
+  grid: GridFn  # (schedule, settings) -> grid of (n,) arrays, before the img2img cut
+  plan: PlanFn  # (grid, settings) -> Plan
+  karras: bool = False  # whether settings.karras (Karras sigmas) is allowed
+  deterministic: bool = True  # no per-step noise (ddim: at eta = 0)
+  spacing: str = "trailing"  # default timestep spacing (`SamplerSettings.from_config`)
+  # Extra checks of the settings beyond `SamplerSettings.check`: (settings, T) -> None.
+  check: Callable[[SamplerSettings, int], None] | None = None
+
+
+def _discrete_grid(schedule: Schedule, s: SamplerSettings) -> dict:
+  return discrete_grid(schedule, s.steps, s.timestep_spacing, s.steps_offset)
+
+
+def _spaced_sigma_grid(schedule: Schedule, s: SamplerSettings) -> dict:
+  # k-diffusion-style samplers take Karras' range from the spaced grid, as diffusers' Euler
+  # and Heun schedulers do.
+  return sigma_grid(schedule, s.steps, s.timestep_spacing, karras=s.karras, offset=s.steps_offset)
+
+
+def _full_range_sigma_grid(schedule: Schedule, s: SamplerSettings) -> dict:
+  # The DPM-Solver family takes Karras' range from the whole schedule and rounds the model
+  # timesteps, as diffusers' DPMSolverMultistep and UniPC schedulers do.
+  full = dict(karras_full_range=True, round_timesteps=True)
+  return sigma_grid(
+    schedule, s.steps, s.timestep_spacing, karras=s.karras, offset=s.steps_offset, **full
+  )
+
+
+def _lcm_grid(schedule: Schedule, s: SamplerSettings) -> dict:
+  return _grid_from_timesteps(schedule, lcm_timesteps(schedule.T, s.steps, s.lcm_original_steps))
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+  "ddpm": SamplerSpec(
+    "ancestral DDPM steps on any sub-grid (variance fixed_small | fixed_large | learned_range)",
+    _discrete_grid,
+    lambda grid, s: ddpm_plan(grid, variance=s.variance or "fixed_small"),
+    deterministic=False,
+  ),
+  "ddim": SamplerSpec(
+    "DDIM, deterministic at eta = 0",
+    _discrete_grid,
+    lambda grid, s: ddim_plan(grid, eta=s.eta),
+  ),
+  "euler": SamplerSpec(
+    "Euler on the probability-flow ODE (k-diffusion)",
+    _spaced_sigma_grid,
+    lambda grid, s: euler_plan(grid),
+    karras=True,
+  ),
+  "euler_ancestral": SamplerSpec(
+    "Euler ancestral: an Euler step plus fresh noise",
+    _spaced_sigma_grid,
+    lambda grid, s: euler_ancestral_plan(grid),
+    karras=True,
+    deterministic=False,
+  ),
+  "heun": SamplerSpec(
+    "Heun's 2nd-order method (EDM), 2 * steps - 1 model evaluations",
+    _spaced_sigma_grid,
+    lambda grid, s: heun_plan(grid),
+    karras=True,
+  ),
+  "dpmpp_2m": SamplerSpec(
+    "DPM-Solver++(2M), 2nd-order multistep",
+    _full_range_sigma_grid,
+    lambda grid, s: dpmpp_plan(grid, order=2),
+    karras=True,
+  ),
+  "dpmpp_2m_sde": SamplerSpec(
+    "DPM-Solver++(2M) SDE, 2nd-order multistep with noise",
+    _full_range_sigma_grid,
+    lambda grid, s: dpmpp_plan(grid, order=2, sde=True),
+    karras=True,
+    deterministic=False,
+  ),
+  "dpmpp_3m": SamplerSpec(
+    "DPM-Solver++(3M), 3rd-order multistep",
+    _full_range_sigma_grid,
+    lambda grid, s: dpmpp_plan(grid, order=3),
+    karras=True,
+  ),
+  "unipc": SamplerSpec(
+    "UniPC (bh2), 2nd-order predictor-corrector",
+    _full_range_sigma_grid,
+    lambda grid, s: unipc_plan(grid),
+    karras=True,
+  ),
+  "lcm": SamplerSpec(
+    f"latent consistency model, 1-{LCM_MAX_STEPS} steps on the distillation grid, for "
+    "consistency-distilled models (ignores timestep_spacing)",
+    _lcm_grid,
+    lambda grid, s: lcm_plan(grid),
+    deterministic=False,
+    check=lambda s, num_timesteps: check_lcm_steps(num_timesteps, s.steps, s.lcm_original_steps),
+  ),
+}
+
+
+def describe() -> str:
+  """One line per registered sampler ("name: description"), for --help."""
+  return "\n".join(f"{name}: {spec.description}" for name, spec in SAMPLERS.items())
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """Every setting of a sampler; frozen and hashable, so it can be a static jit argument.
+
+  sampler: a `SAMPLERS` name. steps: grid points, in [1, T]; every sampler makes `steps`
+    model evaluations except heun (2 * steps - 1).
+  eta: DDIM noise (0 = deterministic). timestep_spacing ("leading" | "trailing" |
+    "linspace") and steps_offset pick the timesteps (`schedules.spaced_timesteps`).
+  karras: Karras sigmas (samplers whose spec has karras=True).
+  variance: DDPM variance ("fixed_small" | "fixed_large" | "learned_range"); None: learned
+    range for a model with learned sigma, else fixed_small.
+  clip_x0: clip the predicted x0 to +-clip_x0 (None: no clipping).
+  lcm_original_steps: the distillation grid of an LCM model (config.distill.num_ddim_timesteps).
+  """
+
+  sampler: str = "ddim"
+  steps: int = 50
+  eta: float = 0.0
+  timestep_spacing: str = "trailing"
+  steps_offset: int = 0
+  karras: bool = False
+  variance: str | None = None
+  clip_x0: float | None = None
+  lcm_original_steps: int = 50
+
+  def check(self, num_timesteps: int) -> None:
+    """Raises ValueError naming a bad setting and the valid values, for a schedule of T steps."""
+    T = num_timesteps
+    spec = SAMPLERS.get(self.sampler)
+    if spec is None:
+      raise ValueError(
+        f"Unknown sampler {self.sampler!r}; valid samplers are: {', '.join(SAMPLERS)}"
+      )
+    if not _is_int(self.steps):
+      raise ValueError(f"steps must be an integer in [1, T={T}], got {self.steps!r}")
+    if not 1 <= self.steps <= T:
+      raise ValueError(f"steps must be in [1, T={T}], got {self.steps}")
+    if self.timestep_spacing not in SPACINGS:
+      raise ValueError(
+        f"Unknown timestep_spacing {self.timestep_spacing!r}; expected one of {SPACINGS}"
+      )
+    if not _is_int(self.steps_offset) or self.steps_offset < 0:
+      raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+    if self.karras and not spec.karras:
+      with_karras = ", ".join(name for name, sp in SAMPLERS.items() if sp.karras)
+      raise ValueError(
+        f"karras sigmas are not supported by sampler {self.sampler!r}; samplers with karras "
+        f"sigmas: {with_karras}"
+      )
+    if self.variance is not None and self.variance not in DDPM_VARIANCES:
+      raise ValueError(
+        f"Unknown DDPM variance {self.variance!r}; expected one of {DDPM_VARIANCES} or None"
+      )
+    if self.clip_x0 is not None and not self.clip_x0 > 0:
+      raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0!r}")
+    if not _is_int(self.lcm_original_steps):
+      raise ValueError(f"lcm_original_steps must be an integer, got {self.lcm_original_steps!r}")
+    if spec.check is not None:
+      spec.check(self, T)
+
+  @classmethod
+  def from_config(cls, config: Any, **overrides: Any) -> SamplerSettings:
+    """The settings of config.sample, then `overrides` whose value is not None; checked.
+
+    Reads config.sample.{sampler, steps, eta} and, where present, timestep_spacing,
+    steps_offset, karras, variance and clip_x0; lcm_original_steps is
+    config.distill.num_ddim_timesteps for a distilled model (a `distill` section), else 50.
+    Overrides are typically command-line flags (None = not given).
+    """
+    _check_fields(overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    s = config.sample
+    spec = SAMPLERS.get(overrides.get("sampler", s.sampler))
+    kw = dict(
+      sampler=s.sampler,
+      steps=s.steps,
+      eta=s.eta,
+      timestep_spacing=s.get("timestep_spacing", spec.spacing if spec else cls.timestep_spacing),
+      steps_offset=s.get("steps_offset", cls.steps_offset),
+      karras=s.get("karras", cls.karras),
+      variance=s.get("variance", cls.variance),
+      clip_x0=s.get("clip_x0", cls.clip_x0),
+      lcm_original_steps=(
+        config.distill.num_ddim_timesteps if "distill" in config else cls.lcm_original_steps
+      ),
+    )
+    kw.update(overrides)
+    settings = cls(**dict(kw, eta=float(kw["eta"])))  # 0 and 0.0: one static jit argument
+    settings.check(config.diffusion.num_timesteps)
+    return settings
+
+
+def _check_fields(kwargs: dict[str, Any]) -> None:
+  fields = [f.name for f in dataclasses.fields(SamplerSettings)]
+  unknown = sorted(set(kwargs) - set(fields))
+  if unknown:
+    raise TypeError(f"Unknown sampler settings {unknown}; valid ones: {', '.join(fields)}")
+
+
+def _settings(settings: SamplerSettings | None, kwargs: dict[str, Any]) -> SamplerSettings:
+  """`settings` (default: SamplerSettings()) with the fields in kwargs replaced."""
+  _check_fields(kwargs)
+  return dataclasses.replace(settings or SamplerSettings(), **kwargs)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -501,66 +750,52 @@ def run_plan(
 
 def build_plan(
   schedule: Schedule,
-  *,
-  sampler: str = "ddim",
-  steps: int = 50,
-  eta: float = 0.0,
-  timestep_spacing: str = "trailing",
-  steps_offset: int = 0,
-  karras: bool = False,
-  variance: str = "fixed_small",
-  lcm_original_steps: int = 50,
+  settings: SamplerSettings | None = None,
   start: int = 0,
+  **setting_kwargs: Any,
 ) -> Plan:
-  """The plan for a sampler by name on `steps` grid points of `schedule` (see `sample`).
+  """The plan of `settings.sampler` on `settings.steps` grid points of `schedule`.
 
+  settings: checked against schedule.T; `setting_kwargs` (sampler=, steps=, ...) replace
+  its fields (default SamplerSettings()). variance None means fixed_small here (`sample`
+  resolves it from learn_sigma first).
   start: drop the first `start` grid points (img2img); multistep starts follow the new grid.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; valid samplers are: {', '.join(SAMPLERS)}")
-  if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
-    raise ValueError(f"steps must be an integer in [1, T={schedule.T}], got {steps!r}")
-  if not 1 <= steps <= schedule.T:
-    raise ValueError(f"steps must be in [1, T={schedule.T}], got {steps}")
-  if timestep_spacing not in SPACINGS:
-    raise ValueError(f"Unknown timestep_spacing {timestep_spacing!r}; expected one of {SPACINGS}")
-  if sampler in ("ddpm", "ddim", "lcm") and karras:
-    raise ValueError(f"karras sigmas are not supported by sampler {sampler!r}")
-  cut = lambda grid: {k: v[start:] for k, v in grid.items()}
-  if sampler in ("ddpm", "ddim"):
-    grid = cut(discrete_grid(schedule, steps, timestep_spacing, steps_offset))
-    if sampler == "ddpm":
-      return ddpm_plan(grid, variance=variance)
-    return ddim_plan(grid, eta=eta)
-  if sampler == "lcm":
-    ts = lcm_timesteps(schedule.T, steps, lcm_original_steps)
-    return lcm_plan(cut(_grid_from_timesteps(schedule, ts)))
-  # k-diffusion-style samplers take Karras' range from the spaced grid (as diffusers' Euler
-  # and Heun); the DPM-Solver family from the whole schedule (as diffusers' DPM/UniPC).
-  full_range = sampler.startswith("dpmpp") or sampler == "unipc"
-  grid = sigma_grid(
-    schedule,
-    steps,
-    timestep_spacing,
-    karras=karras,
-    karras_full_range=full_range,
-    round_timesteps=full_range,
-    offset=steps_offset,
-  )
-  grid = cut(grid)
-  if sampler == "euler":
-    return euler_plan(grid)
-  if sampler == "euler_ancestral":
-    return euler_ancestral_plan(grid)
-  if sampler == "heun":
-    return heun_plan(grid)
-  if sampler == "dpmpp_2m":
-    return dpmpp_plan(grid, order=2)
-  if sampler == "dpmpp_2m_sde":
-    return dpmpp_plan(grid, order=2, sde=True)
-  if sampler == "dpmpp_3m":
-    return dpmpp_plan(grid, order=3)
-  return unipc_plan(grid)
+  settings = _settings(settings, setting_kwargs)
+  settings.check(schedule.T)
+  spec = SAMPLERS[settings.sampler]
+  grid = spec.grid(schedule, settings)
+  return spec.plan({k: v[start:] for k, v in grid.items()}, settings)
+
+
+def _step_keys_and_repaint(plan: Plan, key: Array, resample: int, sampler: str) -> Plan:
+  """The plan with per-scan-step PRNG keys "key" and, for RePaint, repeated steps."""
+  infos = dict(plan.infos)
+  if resample != 1:
+    if not plan.single_step:
+      raise ValueError(f"resample (RePaint) needs a sampler without history, not {sampler!r}")
+    idx, flags = editing.repaint_indices(plan.num_steps, resample)
+    infos = {k: v[idx] for k, v in infos.items()}
+    infos["renoise"] = jnp.asarray(flags)
+  infos["key"] = jax.random.split(key, infos["t"].shape[0])
+  return dataclasses.replace(plan, infos=infos)
+
+
+def _initial_state(
+  plan: Plan, x_T: Array, x_init: Array | None, mask: Array | None, start: int, key: Array
+) -> tuple[Array, Callable | None]:
+  """The native-space start state and the inpainting paste function (None without a mask)."""
+  a0, s0 = plan.infos["a"][0], plan.infos["s"][0]
+  if x_init is None or start == 0 and mask is not None:
+    x = plan.noise_scale * x_T
+  else:  # img2img: noise x_init to the first kept grid point (diffusers' add_noise).
+    x = editing.noised(x_init, x_T, a0, s0, plan.space)
+  if mask is None:
+    return x, None
+  mask = editing.check_mask(mask, x_T.shape)
+  z = jax.random.normal(key, x_T.shape, x_T.dtype)
+  x = mask * editing.noised(x_init, z, a0, s0, plan.space) + (1.0 - mask) * x
+  return x, editing.make_paste(x_init, mask, plan.space)
 
 
 def sample(
@@ -568,24 +803,17 @@ def sample(
   x_T: Array,
   key: Array,
   schedule: Schedule,
+  settings: SamplerSettings | None = None,
   *,
-  sampler: str = "ddim",
-  steps: int = 50,
   prediction: str = "eps",
   learn_sigma: bool = False,
-  eta: float = 0.0,
-  timestep_spacing: str = "trailing",
-  steps_offset: int = 0,
-  karras: bool = False,
-  variance: str | None = None,
-  clip_x0: float | None = None,
-  lcm_original_steps: int = 50,
   x_init: Array | None = None,
   strength: float = 1.0,
   mask: Array | None = None,
   resample: int = 1,
   noise: Array | None = None,
   return_trajectory: bool = False,
+  **setting_kwargs: Any,
 ):
   """Draws samples x_0 (B, ...) from x_T ~ N(0, I) (B, ...), every step in one `lax.scan`.
 
@@ -594,16 +822,10 @@ def sample(
     x_T: unit Gaussian noise, any shape (B, ..., C).
     key: PRNG key for stochastic samplers and editing (unused by deterministic sampling).
     schedule: the training schedule.
-    sampler: one of SAMPLERS. steps: grid points, in [1, T]; every sampler makes `steps`
-      model evaluations except heun (2 * steps - 1).
+    settings: the sampler and its settings (`SamplerSettings`, default SamplerSettings());
+      setting_kwargs (sampler=, steps=, eta=, ...) replace its fields, for interactive use.
     prediction: the model's prediction type ("eps", "v", "x0"). learn_sigma: the output has
       2C channels, the last C the variance interpolation (used by ddpm, ignored by others).
-    eta: DDIM noise (0 = deterministic). timestep_spacing ("leading" | "trailing" |
-      "linspace") and steps_offset pick the timesteps (`schedules.spaced_timesteps`).
-      karras: Karras sigmas (euler, euler_ancestral, heun, dpmpp_*, unipc).
-    variance: DDPM variance ("fixed_small" | "fixed_large" | "learned_range"); by default
-      learned_range with learn_sigma, else fixed_small. clip_x0: clip predicted x0 to +-value.
-    lcm_original_steps: the distillation grid of an LCM model.
     x_init, strength: img2img, start from x_init noised at the last `strength` fraction of
       the grid. mask: inpainting, 1 = keep x_init, same rank as x_T, dims equal or 1.
       resample: RePaint resampling count (with mask; single-step samplers only).
@@ -611,52 +833,25 @@ def sample(
     return_trajectory: also return the native-space states after every scan step
       (n, *x.shape): VP x for ddpm/ddim/dpmpp/unipc/lcm, x / alpha for euler/heun.
   Returns:
-    x_0 (B, ...), or (x_0, trajectory). Pure: jit it with the keyword arguments static.
+    x_0 (B, ...), or (x_0, trajectory). Pure: jit it with the settings static.
   """
+  settings = _settings(settings, setting_kwargs)
+  settings.check(schedule.T)
   schedules.check_prediction(prediction)
-  if variance is None:
+  if settings.variance is None:
     variance = "learned_range" if learn_sigma else "fixed_small"
+    settings = dataclasses.replace(settings, variance=variance)
   if (mask is not None or strength != 1.0) and x_init is None:
     raise ValueError("img2img (strength < 1) and inpainting (mask) need x_init")
   start = 0
   if x_init is not None:
     editing.check_init(x_init, x_T.shape)
-    start = editing.img2img_start(steps, strength)
+    start = editing.img2img_start(settings.steps, strength)
   if resample != 1 and mask is None:
     raise ValueError("resample (RePaint) needs a mask")
-  plan = build_plan(
-    schedule,
-    sampler=sampler,
-    steps=steps,
-    eta=eta,
-    timestep_spacing=timestep_spacing,
-    steps_offset=steps_offset,
-    karras=karras,
-    variance=variance,
-    lcm_original_steps=lcm_original_steps,
-    start=start,
-  )
-  infos = dict(plan.infos)
-  if resample != 1:
-    if not plan.single_step:
-      raise ValueError(f"resample (RePaint) needs a sampler without history, not {sampler!r}")
-    idx, flags = editing.repaint_indices(plan.num_steps, resample)
-    infos = {k: v[idx] for k, v in infos.items()}
-    infos["renoise"] = jnp.asarray(flags)
+  plan = build_plan(schedule, settings, start)
   k_init, k_steps = jax.random.split(key)
-  infos["key"] = jax.random.split(k_steps, infos["t"].shape[0])
-  plan = dataclasses.replace(plan, infos=infos)
-
-  if x_init is None or start == 0 and mask is not None:
-    x = plan.noise_scale * x_T
-  else:  # img2img: noise x_init to the first kept grid point (diffusers' add_noise).
-    x = editing.noised(x_init, x_T, plan.infos["a"][0], plan.infos["s"][0], plan.space)
-  paste = None
-  if mask is not None:
-    mask = editing.check_mask(mask, x_T.shape)
-    paste = editing.make_paste(x_init, mask, plan.space)
-    z = jax.random.normal(k_init, x_T.shape, x_T.dtype)
-    x0_ref = editing.noised(x_init, z, plan.infos["a"][0], plan.infos["s"][0], plan.space)
-    x = mask * x0_ref + (1.0 - mask) * x
-  predict = make_predict(denoise, plan.space, prediction, learn_sigma, clip_x0)
+  plan = _step_keys_and_repaint(plan, k_steps, resample, settings.sampler)
+  x, paste = _initial_state(plan, x_T, x_init, mask, start, k_init)
+  predict = make_predict(denoise, plan.space, prediction, learn_sigma, settings.clip_x0)
   return run_plan(plan, predict, x, noise=noise, paste=paste, return_trajectory=return_trajectory)
