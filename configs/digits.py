@@ -48,9 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 4.0
   c.model.num_classes = 10
-  c.model.class_dropout_prob = 0.1
+  c.model.class_dropout_prob = 0.1  # Label dropout, drawn by the train loop (not a DiT field).
   c.model.learn_sigma = False
-  c.model.adaln = "zero"
+  c.model.block = "adaln_zero"  # How the condition enters the blocks (dit.models.dit.BLOCKS).
   c.model.dtype = "float32"
   c.model.remat = False
 

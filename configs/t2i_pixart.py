@@ -72,9 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 4.0
   c.model.num_classes = 0  # Text only.
-  c.model.class_dropout_prob = 0.1  # Caption dropout: rows see the learned null caption.
+  # Caption dropout, drawn by the train loop (not a DiT field): rows see the null caption.
+  c.model.class_dropout_prob = 0.1
   c.model.learn_sigma = False
-  c.model.adaln = "single"
+  c.model.block = "adaln_single"  # PixArt-alpha: shared t_block + cross-attention.
   c.model.caption_channels = c.text.get_ref("demo_dim")  # Set to the T5 width for a real T5.
   c.model.caption_length = c.text.get_ref("max_length")
   c.model.null_caption = "learned"

@@ -55,9 +55,7 @@ DIGITS_ABLATION = {
 # name -> (arms, the override that labels an arm in tables and plots).
 ABLATIONS = {
   # DiT Figure 5: how the timestep and class enter the blocks.
-  "conditioning": [
-    {"model.conditioning": c} for c in ("adaln_zero", "adaln", "cross_attn", "in_context")
-  ],
+  "conditioning": [{"model.block": b} for b in ("adaln_zero", "adaln", "cross_attn", "in_context")],
   "loss_weighting": [{"diffusion.weighting": w} for w in ("uniform", "min_snr")],
   "prediction": [{"diffusion.prediction": p} for p in ("eps", "v")],
   # One trained model (the base), sampled with each sampler at each number of model calls

@@ -1,17 +1,18 @@
-"""DiT Figure 5's conditioning variants: adaLN-Zero, adaLN, cross-attention, in-context."""
+"""DiT Figure 5's conditioning variants (block types): adaLN-Zero, adaLN, cross-attention,
+in-context; adaLN-single alongside where it applies."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit.info import model_info
-from dit.models.dit import CONDITIONINGS, DiT
+from dit.models.dit import BLOCKS, DiT, build_model
+from dit.models.flops import model_info
 
 D, DEPTH, CLASSES, P, S = 32, 2, 10, 4, 8
 
 
-def make(conditioning, **kw):
+def make(block, **kw):
   return DiT(
     input_size=S,
     patch_size=P,
@@ -21,7 +22,7 @@ def make(conditioning, **kw):
     num_heads=2,
     num_classes=CLASSES,
     learn_sigma=False,
-    conditioning=conditioning,
+    block=block,
     **kw,
   )
 
@@ -55,7 +56,7 @@ def test_default_is_adaln_zero_with_the_converter_names():
   assert set(params["blocks_0"]) == {"adaLN_modulation_1", "attn", "mlp"}
   assert params["blocks_0"]["adaLN_modulation_1"]["kernel"].shape == (D, 6 * D)
   assert set(params["final_layer"]) == {"adaLN_modulation_1", "linear"}
-  assert DiT.conditioning == "adaln_zero"
+  assert DiT.block == "adaln_zero"
   # Zero-initialised gates: every fresh block is the identity on its tokens.
   assert not np.any(params["blocks_0"]["adaLN_modulation_1"]["kernel"])
 
@@ -76,9 +77,9 @@ def test_parameter_counts_follow_the_architectures():
   assert n_params(make("cross_attn")) == cross
 
 
-@pytest.mark.parametrize("conditioning", CONDITIONINGS)
-def test_output_depends_on_timestep_and_label(conditioning):
-  model = make(conditioning)
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_output_depends_on_timestep_and_label(block):
+  model = make(block)
   params = random_params(model)
   x, t, cond = inputs()
   apply = lambda t, label: model.apply({"params": params}, x, t, {"label": label})
@@ -89,9 +90,9 @@ def test_output_depends_on_timestep_and_label(conditioning):
   assert float(jnp.abs(out - apply(t, cond["label"] + 3)).max()) > 1e-3
 
 
-@pytest.mark.parametrize("conditioning", CONDITIONINGS)
-def test_cfg_drop_uses_the_null_label(conditioning):
-  model = make(conditioning)
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_cfg_drop_uses_the_null_label(block):
+  model = make(block)
   params = random_params(model)
   x, t, cond = inputs()
   dropped = model.apply({"params": params}, x, t, {**cond, "drop": jnp.array([True, False])})
@@ -116,17 +117,17 @@ def test_in_context_condition_enters_through_attention_only():
   np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("conditioning", ["cross_attn", "in_context"])
-def test_remat_gives_the_same_output(conditioning):
+@pytest.mark.parametrize("block", ["cross_attn", "in_context"])
+def test_remat_gives_the_same_output(block):
   x, t, cond = inputs()
-  params = random_params(make(conditioning))
-  a = make(conditioning).apply({"params": params}, x, t, cond)
-  b = make(conditioning, remat=True).apply({"params": params}, x, t, cond)
+  params = random_params(make(block))
+  a = make(block).apply({"params": params}, x, t, cond)
+  b = make(block, remat=True).apply({"params": params}, x, t, cond)
   np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_info_counts_the_extra_tokens_and_cross_attention():
-  """dit.info's jaxpr count sees the 2 in-context tokens and the cross-attention matmuls."""
+  """model_info's jaxpr count sees the 2 in-context tokens and the cross-attention matmuls."""
   macs = lambda c: model_info(make(c), train_flops=False)["gmacs_fwd"] * 1e9
   base, in_context, cross = macs("adaln_zero"), macs("in_context"), macs("cross_attn")
   n = (S // P) ** 2
@@ -143,9 +144,14 @@ def test_info_counts_the_extra_tokens_and_cross_attention():
   assert cross == pytest.approx(expect_cross, rel=1e-9)
 
 
-def test_bad_conditioning_is_an_error():
+def test_bad_block_is_an_error():
   x, t, cond = inputs()
-  with pytest.raises(ValueError, match="conditioning must be one of"):
+  with pytest.raises(ValueError, match="block must be one of"):
     make("film").init(jax.random.key(0), x, t, cond)
+  with pytest.raises(ValueError, match="block='in_context' takes no caption"):
+    make("in_context", caption_channels=8).init(jax.random.key(0), x, t, cond)
+  # The same combinations in a config written before `block` existed.
   with pytest.raises(ValueError, match="needs adaln='zero'"):
-    make("in_context", adaln="single").init(jax.random.key(0), x, t, cond)
+    build_model(dict(conditioning="in_context", adaln="single"))
+  with pytest.raises(ValueError, match="conditioning must be one of"):
+    build_model(dict(conditioning="film"))

@@ -137,7 +137,7 @@ def test_official_dit_checkpoint(tmp_path, fmt):
   params, kwargs = convert.convert_dit_checkpoint(path, num_heads=2)
   assert kwargs == dict(
     input_size=S, patch_size=2, in_channels=C, hidden_size=32, depth=2, num_heads=2,
-    num_classes=10, learn_sigma=True, adaln="zero",
+    num_classes=10, learn_sigma=True, block="adaln_zero",
   )  # fmt: skip
   # The official DiT's position table is what the model computes.
   np.testing.assert_allclose(
@@ -190,7 +190,7 @@ def test_diffusers_pixart_parity(tmp_path, additional, interpolation):
   model = _tiny_pixart(additional, interpolation)
   model.save_pretrained(tmp_path, safe_serialization=True)
   params, kwargs = convert.convert_pixart(str(tmp_path))
-  assert kwargs["adaln"] == "single" and kwargs["size_conditioning"] == additional
+  assert kwargs["block"] == "adaln_single" and kwargs["size_conditioning"] == additional
   x, t, _, text, mask = _inputs(2)
   added = {"resolution": None, "aspect_ratio": None}
   cond = {"text": jnp.asarray(text)}

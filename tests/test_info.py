@@ -1,4 +1,5 @@
-"""dit.info against the DiT paper's parameter and FLOP counts for all 12 ImageNet-256 presets."""
+"""dit.models.flops (and the dit.info command) against the DiT paper's parameter and FLOP
+counts for all 12 ImageNet-256 presets."""
 
 import json
 import os
@@ -9,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dit.info import count_macs, model_info
 from dit.models.dit import build_model
+from dit.models.flops import count_macs, model_info
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import imagenet256_dit  # noqa: E402

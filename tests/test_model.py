@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from dit.models import attention
-from dit.models.dit import DiT, build_model, example_inputs, sincos_pos_embed_2d
+from dit.models.dit import BLOCKS, DiT, build_model, example_inputs, sincos_pos_embed_2d
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3)
-PIXART = dict(SMALL, num_classes=0, adaln="single", caption_channels=16, caption_length=5)
+PIXART = dict(SMALL, num_classes=0, block="adaln_single", caption_channels=16, caption_length=5)
 # Documented tolerance of bfloat16 compute vs float32 (see the DiT docstring): the max abs error
 # relative to the output's standard deviation.
 BF16_REL_TOL = 5e-2
@@ -114,29 +114,44 @@ def test_other_resolutions_use_rescaled_positions():
   assert out.shape == (1, 12, 16, 6)
 
 
-def test_label_dropout_and_null_class():
-  model = DiT(**SMALL, num_classes=10, class_dropout_prob=1.0)
+def test_label_dropout_is_cond_drop_and_null_class():
+  """Label dropout is the caller's cond["drop"]; the model never drops on its own."""
+  model = DiT(**SMALL, num_classes=10)
   params = _random_params(model)
   x, t, labels, _, _ = _data()
 
-  def run(train, **cond):
-    return model.apply(
-      {"params": params}, x, t, cond, train=train, rngs={"dropout": jax.random.key(0)}
-    )
+  def run(m=model, **cond):
+    return m.apply({"params": params}, x, t, cond)
 
-  null = run(False, label=jnp.full((2,), 10))
-  np.testing.assert_allclose(run(True, label=labels), null, atol=1e-6)  # p = 1: all dropped.
-  np.testing.assert_allclose(run(False, label=labels, drop=jnp.ones(2, bool)), null, atol=1e-6)
-  np.testing.assert_allclose(run(False), null, atol=1e-6)  # No label -> the null class.
-  mixed = run(False, label=labels, drop=jnp.array([True, False]))
+  null = run(label=jnp.full((2,), 10))
+  np.testing.assert_allclose(run(label=labels, drop=jnp.ones(2, bool)), null, atol=1e-6)
+  np.testing.assert_allclose(run(), null, atol=1e-6)  # No label -> the null class.
+  mixed = run(label=labels, drop=jnp.array([True, False]))
   np.testing.assert_allclose(mixed[0], null[0], atol=1e-6)
   assert np.abs(mixed[1] - null[1]).max() > 1e-3
-  # p = 0: train and eval agree; dropout is the only randomness.
-  p0 = DiT(**SMALL, num_classes=10, class_dropout_prob=0.0)
-  a = p0.apply(
-    {"params": params}, x, t, {"label": labels}, train=True, rngs={"dropout": jax.random.key(1)}
-  )
-  np.testing.assert_allclose(a, p0.apply({"params": params}, x, t, {"label": labels}), atol=1e-6)
+  np.testing.assert_allclose(mixed[1], run(label=labels)[1], atol=1e-6)
+  np.testing.assert_array_equal(run(label=labels, drop=jnp.zeros(2, bool)), run(label=labels))
+  # class_dropout_prob is the train loop's setting: even at 1.0 the built model drops nothing
+  # and needs no "dropout" rng; the outputs do not depend on it.
+  always = build_model(dict(SMALL, num_classes=10, class_dropout_prob=1.0))
+  never = build_model(dict(SMALL, num_classes=10, class_dropout_prob=0.0))
+  assert always == never == model
+  out = run(always, label=labels)
+  assert np.abs(out - null).max() > 1e-3
+  np.testing.assert_array_equal(out, run(never, label=labels))
+  with pytest.raises(TypeError, match="train"):
+    model.apply({"params": params}, x, t, {"label": labels}, train=True)
+
+  # Captions: dropped rows see the null caption, the others their own.
+  pix = DiT(**PIXART)
+  pp = _random_params(pix)
+  _, _, _, text, mask = _data()
+  null_text = jnp.broadcast_to(pp["y_embedding"][None], text.shape)
+  apply = lambda cond: pix.apply({"params": pp}, x, t, {"text_mask": mask, **cond})
+  mixed = apply({"text": text, "drop": jnp.array([True, False])})
+  np.testing.assert_allclose(mixed[0], apply({"text": null_text})[0], atol=1e-6)
+  np.testing.assert_allclose(mixed[1], apply({"text": text})[1], atol=1e-6)
+  assert np.abs(mixed[1] - apply({"text": null_text})[1]).max() > 1e-3
 
 
 def test_caption_null_and_mask():
@@ -223,6 +238,89 @@ def test_qk_norm_and_build_model():
   assert "q_norm" in _shapes(model)["blocks_0"]["attn"]
   with pytest.raises(ValueError, match="Unknown config.model fields \\['hiden_size'\\]"):
     build_model(dict(SMALL, hiden_size=3))
+  with pytest.raises(
+    ValueError, match="DiT accepts \\[.*'block'.*\\], plus \\['class_dropout_prob'\\]"
+  ):
+    build_model(dict(SMALL, hiden_size=3))
+
+
+# The model section of configs/t2i_pixart.py's config.json before config.model.block existed.
+OLD_PIXART_MODEL = dict(
+  input_size=8, patch_size=2, in_channels=1, hidden_size=48, depth=2, num_heads=4,
+  mlp_ratio=4.0, num_classes=0, class_dropout_prob=0.1, learn_sigma=False, adaln="single",
+  conditioning="adaln_zero", caption_channels=16, caption_length=5, null_caption="learned",
+  pe_interpolation=1.0, time_freq_shift=0.0, size_conditioning=False, qk_norm=False,
+  attention_impl="xla", dtype="float32", remat=False, guidance_embedding=False,
+)  # fmt: skip
+
+
+def test_old_style_model_config_builds_the_same_model():
+  old = build_model(ml_collections.ConfigDict(OLD_PIXART_MODEL))
+  new_config = {k: v for k, v in OLD_PIXART_MODEL.items() if k not in ("adaln", "conditioning")}
+  new = build_model(dict(new_config, block="adaln_single"))
+  assert old == new and old.block == "adaln_single"
+  old_params, new_params = _init(old), _init(new)
+  assert jax.tree.structure(old_params) == jax.tree.structure(new_params)
+  jax.tree.map(np.testing.assert_array_equal, old_params, new_params)
+  params = _random_params(new)
+  x, t, _, text, mask = _data(c=1)
+  cond = {"text": text, "text_mask": mask, "drop": jnp.array([True, False])}
+  np.testing.assert_array_equal(
+    old.apply({"params": params}, x, t, cond), new.apply({"params": params}, x, t, cond)
+  )
+  # Every old (adaln, conditioning) pair, and the keys left out (the old defaults).
+  pairs = {("zero", "adaln_zero"): "adaln_zero", ("single", "adaln_zero"): "adaln_single"}
+  pairs.update({("zero", "adaln"): "adaln", ("zero", "cross_attn"): "cross_attn"})
+  pairs[("zero", "in_context")] = "in_context"
+  for (adaln, conditioning), block in pairs.items():
+    old = build_model(dict(SMALL, adaln=adaln, conditioning=conditioning, class_dropout_prob=0.1))
+    assert old == DiT(**SMALL, block=block)
+  assert build_model(dict(SMALL, adaln="single")) == DiT(**SMALL, block="adaln_single")
+  assert build_model(dict(SMALL, conditioning="in_context")).block == "in_context"
+  # An old key that agrees with block is fine (a converter's kwargs over a new-style config).
+  assert build_model(dict(SMALL, adaln="zero", block="adaln_zero")).block == "adaln_zero"
+
+
+@pytest.mark.parametrize(
+  "config,match",
+  [
+    (dict(adaln="double"), r"adaln must be 'zero' or 'single', got 'double'"),
+    (dict(conditioning="film"), r"conditioning must be one of \['adaln', .*got 'film'"),
+    (dict(adaln="single", conditioning="in_context"), r"'in_context' needs adaln='zero'"),
+    (
+      dict(adaln="single", block="adaln_zero"),
+      r"block='adaln_zero' contradicts .*block='adaln_single'",
+    ),
+  ],
+)
+def test_old_style_model_config_errors(config, match):
+  with pytest.raises(ValueError, match=match):
+    build_model(dict(SMALL, **config))
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_every_block_type_builds_initialises_and_runs(name):
+  """The registry's contract: each block type inits, runs, and remats to the same grads."""
+  captions = BLOCKS[name].captions
+  kwargs = dict(SMALL, num_classes=10, block=name, caption_channels=16 if captions else 0)
+  model = build_model(dict(kwargs, caption_length=5))
+  params = _init(model)
+  assert {f"blocks_{i}" for i in range(2)} | {"final_layer", "x_embedder"} <= set(params)
+  x, t, labels, text, mask = _data()
+  cond = {"label": labels} | ({"text": text, "text_mask": mask} if captions else {})
+  out = model.apply({"params": params}, x, t, cond)
+  assert out.shape == (2, 8, 8, 6) and np.all(np.isfinite(out))
+
+  params = _random_params(model)
+
+  def loss(params, m):
+    return jnp.mean(m.apply({"params": params}, x, t, cond) ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (l1, g1), (l2, g2) = grad(params, model), grad(params, model.clone(remat=True))
+  assert l1 > 0
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +337,13 @@ def test_qk_norm_and_build_model():
       r"text_mask'\] must be \(B, L\) = \(2, 5\).*got \(2, 4\)",
     ),
     (PIXART, (2, 8, 8, 3), {"text": (2, 6, 16)}, r"6 tokens, more than caption_length=5"),
-    ({"adaln": "double"}, (2, 8, 8, 3), {}, r"adaln must be 'zero' or 'single', got 'double'"),
+    ({"block": "double"}, (2, 8, 8, 3), {}, r"block must be one of \['adaln', .*got 'double'"),
+    (
+      {"block": "in_context", "caption_channels": 16},
+      (2, 8, 8, 3),
+      {},
+      r"block='in_context' takes no caption.*\['adaln_single', 'adaln_zero'\]",
+    ),
   ],
 )
 def test_bad_input(kwargs, x_shape, cond, match):

@@ -1,0 +1,116 @@
+"""Layers shared by the DiT assembly and its block types: fixed embeddings, MLPs, adaLN helpers.
+
+Nothing here knows about block types or configs; dit/models/blocks.py and
+dit/models/ablation_blocks.py build transformer blocks from these, dit/models/dit.py the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+xavier_uniform = nn.initializers.xavier_uniform()
+normal_02 = nn.initializers.normal(stddev=0.02)
+zeros = nn.initializers.zeros
+
+
+def sincos_pos_embed_2d(
+  dim: int, grid_h: int, grid_w: int, *, base_size: float | None = None, interpolation: float = 1.0
+) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding, (grid_h * grid_w, dim), rows in raster order.
+
+  Positions are `arange(n) / (n / base_size) / interpolation` along each axis (PixArt); with
+  base_size=None (n / base_size = 1) and interpolation=1 this is the original DiT table. The
+  first half of the channels encodes the column (w), the second half the row (h), as in DiT.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs a hidden size divisible by 4, got {dim}")
+  pos_h = np.arange(grid_h, dtype=np.float64)
+  pos_w = np.arange(grid_w, dtype=np.float64)
+  if base_size is not None:
+    pos_h = pos_h / (grid_h / base_size)
+    pos_w = pos_w / (grid_w / base_size)
+  pos_h, pos_w = pos_h / interpolation, pos_w / interpolation
+  ww, hh = np.meshgrid(pos_w, pos_h)  # (grid_h, grid_w) each.
+
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+  def embed_1d(pos):
+    out = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([embed_1d(ww), embed_1d(hh)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(
+  t: jax.Array, dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0
+) -> jax.Array:
+  """Sinusoidal timestep features [cos, sin], (B,) -> (B, dim), float32.
+
+  freq_shift=0 is the original DiT/PixArt; diffusers' DiT port uses 1 (`downscale_freq_shift`).
+  """
+  half = dim // 2
+  # A constant table: the exponent in float32 as the PyTorch references compute it, the exp
+  # correctly rounded (XLA's and torch's float32 exp differ by an ulp, visible at t ~ 1000).
+  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+  exponent = exponent / np.float32(half - freq_shift)
+  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation: x (B, N, D); shift, scale (B, D) -> (B, N, D)."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def plain_layer_norm(dtype: Any) -> nn.LayerNorm:
+  """LayerNorm without scale and bias (adaLN supplies them), eps 1e-6 as in DiT/PixArt."""
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
+
+
+def scale_shift_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32):
+  """PixArt's scale_shift_table / null-caption init: torch.randn(n, D) / D ** 0.5."""
+  return jax.random.normal(key, shape, dtype) / math.sqrt(shape[-1])
+
+
+class TimestepEmbedder(nn.Module):
+  """256-d sinusoid -> Linear -> SiLU -> Linear, (B,) -> (B, hidden)."""
+
+  hidden_size: int
+  freq_dim: int = 256
+  freq_shift: float = 0.0
+  dtype: Any = jnp.float32
+  out_init: Callable = normal_02
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    x = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
+    x = nn.Dense(self.hidden_size, kernel_init=normal_02, dtype=self.dtype, name="mlp_0")(x)
+    x = nn.silu(x)
+    return nn.Dense(self.hidden_size, kernel_init=self.out_init, dtype=self.dtype, name="mlp_2")(x)
+
+
+class Mlp(nn.Module):
+  """Linear -> GELU(tanh) -> Linear, (..., D_in) -> (..., out_features)."""
+
+  hidden_features: int
+  out_features: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = xavier_uniform
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = partial(nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype)
+    x = nn.gelu(dense(self.hidden_features, name="fc1")(x), approximate=True)
+    return dense(self.out_features, name="fc2")(x)
