@@ -57,7 +57,8 @@ def step_memory(args: argparse.Namespace, batch: int, remat: bool) -> dict:
   )  # fmt: skip
   step, _, abstract_state, sharding = train_bench.make_update(config)
   start = time.perf_counter()
-  compiled = step.lower(abstract_state, train_bench.abstract_batch(config, sharding)).compile()
+  batch = train_bench.abstract_batch(config, sharding)
+  compiled = step.lower(abstract_state, batch, {}).compile()  # {}: no frozen inputs.
   mem = common.memory_bytes(compiled.memory_analysis())
   mem["compile_s"] = time.perf_counter() - start
   print(f"  remat={remat} batch={batch}: {mem['total'] / GB:.2f} GB ({mem['compile_s']:.0f} s)")

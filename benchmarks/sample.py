@@ -3,7 +3,7 @@
   python benchmarks/sample.py                       # DiT-XL/2, 64 images, 20/50/250 DDIM steps
   python benchmarks/sample.py --model=S/2 --batch=4 --steps=2,5 --windows=2   # CPU
 
-"scan" is `dit.sample.generate`: the whole sampler is one jitted `lax.scan` with classifier-
+"scan" is `dit.generate.generate`: the whole sampler is one jitted `lax.scan` with classifier-
 free guidance as one model call on a batch of 2B. "loop" runs the same plan's step function,
 jitted once, from a Python loop (one dispatch per step), the way a PyTorch pipeline runs.
 Both start from the same noise and are checked to give the same images. Parameters are
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
 from benchmarks import common  # noqa: E402
-from dit import sample as sample_lib  # noqa: E402
-from dit.diffusion import guidance, samplers  # noqa: E402
+from dit import generate  # noqa: E402
+from dit.diffusion import guidance, samplers, schedules  # noqa: E402
 from dit.models import dit as dit_model  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_loop(config, model, cond, cfg_scale: float, sampler: str, steps: int):
   """sample(params, key) -> images: the plan's steps dispatched one by one from Python."""
   d, m = config.diffusion, config.model
-  schedule = sample_lib.make_schedule(config)
+  schedule = schedules.from_config(config.diffusion)
   variance = "learned_range" if m.learn_sigma else "fixed_small"
   plan = samplers.build_plan(schedule, sampler=sampler, steps=steps, variance=variance)
   shape = (cond["label"].shape[0], m.input_size, m.input_size, m.in_channels)
@@ -64,7 +64,7 @@ def make_loop(config, model, cond, cfg_scale: float, sampler: str, steps: int):
 
   @jax.jit
   def start(key):
-    # The same split as dit.sample.generate, so that both start from the same x_T.
+    # The same split as dit.generate.generate, so that both start from the same x_T.
     noise_key, sample_key = jax.random.split(key)
     x_t = jax.random.normal(noise_key, shape, jnp.float32)
     keys = jax.random.split(jax.random.split(sample_key)[1], plan.num_steps)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
   for steps in (int(s) for s in args.steps.split(",")):
 
     def scan(steps=steps):
-      return sample_lib.generate(
+      return generate.generate(
         config, model, params, cond, key, args.batch,
         sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale,
       )  # fmt: skip

@@ -3,14 +3,14 @@
   python benchmarks/train.py                          # DiT-XL/2, batch 256, bf16 (accelerator)
   python benchmarks/train.py --model=S/2 --batch=8 --windows=3 --steps_per_window=2   # CPU
 
-Times the train loop's own update step (`dit.train.make_update_fn`: diffusion loss, grads,
+Times the train loop's own update step (`dit.train.setup`: diffusion loss, grads,
 AdamW, EMA, NaN guard), jitted over a device mesh with the state donated, exactly as
 `dit.train` runs it with config.parallelism="mesh". The batch is random latents (B, 32, 32, 4)
 and labels already on device, so data loading is excluded. Compilation and `--warmup` steps
 are excluded; the figure is the median over `--windows` windows of `--steps_per_window` steps.
 
-FLOPs: `model_tflops` is the model's forward + backward matmul FLOPs from `dit.info` (counted
-on the jaxpr, remat recomputation excluded), the usual numerator of MFU; `xla_tflops` is
+FLOPs: `model_tflops` is the model's forward + backward matmul FLOPs from `dit.models.flops`
+(counted on the jaxpr, remat recomputation excluded), the usual numerator of MFU; `xla_tflops` is
 XLA's cost analysis of the compiled step (everything XLA counts, remat included; custom
 calls such as cuDNN attention may be missing from it). MFU = model TFLOP/s per device / the
 bf16 peak from dit/hardware.py (null where the peak is unknown, e.g. CPU).
@@ -21,7 +21,6 @@ Writes benchmarks/results/train_<model>_<dtype>[_remat].json unless --out is giv
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -31,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
 from benchmarks import common  # noqa: E402
-from dit import hardware, info, parallel
+from dit import cli, hardware, parallel
 from dit import train as train_lib
-from dit.diffusion import schedules
 from dit.models import dit as dit_model
+from dit.models import flops
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,46 +52,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def model_flops_per_image(config) -> float:
-  """Forward + backward FLOPs of one image (dit.info), without remat recomputation."""
+  """Forward + backward FLOPs of one image (dit.models.flops), without remat recomputation."""
   model = dit_model.build_model(dict(config.model, remat=False))
-  return info.model_info(model)["gflops_train"] * 1e9
+  return flops.model_info(model)["gflops_train"] * 1e9
 
 
 def make_update(config):
-  """(update jitted over a mesh with the state donated, init_fn, abstract state, batch sharding).
+  """(update jitted over a mesh with the state donated, init, abstract state, batch sharding).
 
-  As dit.train builds them with config.parallelism="mesh"; nothing is allocated.
+  dit.train's own setup with config.parallelism="mesh"; nothing is allocated.
   """
-  mesh = parallel.make_mesh(config.mesh)
-  if config.batch_size % parallel.data_parallel_size(mesh):
-    raise ValueError(
-      f"--batch={config.batch_size} is not divisible by the {parallel.data_parallel_size(mesh)}"
-      " data-parallel devices"
-    )
-  model = dit_model.build_model(config.model)
-  tx, lr_schedule = train_lib.make_optimizer(config)
-  d = config.diffusion
-  schedule = schedules.make_schedule(
-    d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end
-  )
-  update = train_lib.make_update_fn(config, model, schedule, tx, lr_schedule, axis_name=None)
-  init_fn = functools.partial(train_lib.init_state, config, model, tx)
-  state_sharding = parallel.state_sharding(jax.eval_shape(init_fn), mesh)
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    jax.eval_shape(init_fn),
-    state_sharding,
-  )
-  batch_sharding = parallel.batch_sharding(mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(
-    update,
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=(0,),
-  )
-  init = jax.jit(init_fn, out_shardings=state_sharding)
-  return step, init, abstract_state, batch_sharding
+  try:
+    s = train_lib.setup(config)
+  except cli.UserError as e:
+    raise ValueError(str(e)) from e
+  return s.step, s.init, s.abstract_state, parallel.batch_sharding(s.mesh)
 
 
 def abstract_batch(config, sharding) -> dict:
@@ -128,13 +102,13 @@ def run(args: argparse.Namespace) -> dict:
     overrides=args.overrides,
   )
   step, state, batch = make_step(config)
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch, {}).compile()  # {}: no frozen inputs.
   stats = common.compiled_stats(compiled)
 
   holder = {"state": state}
 
   def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], batch, {})
     return metrics["loss"]
 
   timing = common.time_median(

@@ -101,11 +101,11 @@ def ours_train_step(config):
   from benchmarks import train as train_bench
 
   step_fn, state, batch = train_bench.make_step(config)
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = step_fn.lower(state, batch, {}).compile()  # {}: no frozen inputs.
   holder = {"state": state}
 
   def step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], batch, {})
     return metrics["loss"]
 
   return step

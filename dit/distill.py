@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from dit import generate
 from dit.cli import UserError, config_diffs
 from dit.diffusion import consistency
 
@@ -111,10 +112,8 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def load_teacher(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
   """(teacher model, params) from config.distill.teacher_workdir's newest checkpoint."""
-  from dit import sample as sample_lib
-
   tconfig = teacher_config(config)
-  return sample_lib.load_params(
+  return generate.load_params(
     tconfig, config.distill.teacher_workdir, use_ema=config.distill.teacher_use_ema
   )
 

@@ -2,25 +2,26 @@
 
   python -m dit.train --config=configs/digits.py --workdir=runs/digits [--config.key=value]
 
-Sections: workdir and logging -> devices and mesh -> input pipeline -> model, optimizer,
-EMA -> update step -> restore checkpoint -> loop (step, log, sample, evaluate, save).
+Sections: config checks and workdir -> model state -> the update step -> setup (devices and
+mesh, model, optimizer, objective, shardings, the jitted or pmapped step; shared with
+benchmarks/train.py) -> logging -> the loop (restore, step, log, sample, evaluate, save).
 
-Randomness: every example's timestep, noise and label drop come from
-`fold_in(fold_in(seed_key, step), global_example_index)`, so a run is the same on any
-number of devices, hosts or micro-batches (up to float summation order) and bit-identical
-when rerun on the same devices; a resumed run continues the exact same stream.
+The objective (dit/objectives/: diffusion, or consistency distillation with a `distill`
+section) is chosen once by `setup`; the update step only calls its loss.
+
+Randomness: every example's draws come from `fold_in(fold_in(seed_key, step),
+global_example_index)`, so a run is the same on any number of devices, hosts or
+micro-batches (up to float summation order) and bit-identical when rerun on the same
+devices; a resumed run continues the exact same stream.
 
 Parallelism (config.parallelism):
 - "pmap": `jax.pmap` data parallelism; the state is replicated (a leading device axis),
   gradients are averaged with `lax.pmean`.
 - "mesh": `jax.jit` over a ("data", "fsdp", "tensor") mesh (config.mesh); parameters and
   optimizer state are sharded by dit.parallel's rules, the batch over data x fsdp.
-Both save the same checkpoint layout (unstacked, unsharded shapes), so a checkpoint restores
-onto any device count, mesh or path.
-
-Consistency distillation (config.distill, see dit/distill.py) runs through the same loop:
-the update step takes the frozen teacher's params as a third argument and minimises the
-LCM objective (dit.diffusion.consistency) with the EMA params as the target network.
+The two differ only in how the one update function is wrapped and how arrays are placed.
+Both save the same checkpoint layout (dit/checkpoint.py: unstacked, unsharded shapes), so a
+checkpoint restores onto any device count, mesh or path.
 
 Failure handling: a non-finite loss or gradient skips the update (counted); more than
 config.max_bad_steps consecutive ones stop the run. SIGTERM saves a checkpoint at the next
@@ -30,12 +31,14 @@ previous one, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,17 +46,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import flags, logging
 from ml_collections import config_flags
 
-from dit import distill, hardware, parallel
+from dit import checkpoint, distill, evaluation, generate, hardware, objectives, parallel
+from dit.checkpoint import State
 from dit.cli import UserError, config_diffs, run_command
 from dit.data import pipeline
-from dit.diffusion import consistency, guidance, losses, schedules
+from dit.diffusion import schedules
 from dit.models import dit as dit_model
-
-State = dict[str, Any]
+from dit.models import flops
+from dit.optim import make_optimizer
 
 # Policies of `jax.checkpoint` that take no arguments (config.step_remat_policy).
 REMAT_POLICIES = (
@@ -64,6 +67,8 @@ REMAT_POLICIES = (
   "dots_with_no_batch_dims_saveable",
   "checkpoint_dots_with_no_batch_dims",
 )
+
+__all__ = ["make_optimizer"]  # Re-exported: the optimizer is part of the train setup.
 
 
 # ---- Config checks and workdir -------------------------------------------------
@@ -90,30 +95,11 @@ def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> N
   if distill.enabled(config):
     distill.check_config(config)
   if eval_every(config):
-    from dit import evaluate as evaluate_lib
-
-    evaluate_lib.check_eval_config(config)  # Now, not after the first eval.every steps.
+    evaluation.check_eval_config(config)  # Now, not after the first eval.every steps.
     if config.eval.best_mode not in ("min", "max"):
       raise UserError(
         f"config.eval.best_mode must be 'min' or 'max', got {config.eval.best_mode!r}."
       )
-
-
-def prepare_workdir(workdir: str) -> str:
-  """Creates `workdir` (its parent must exist) and checks that it is writable."""
-  workdir = os.path.abspath(workdir)
-  parent = os.path.dirname(workdir)
-  if not os.path.isdir(parent):
-    raise UserError(f"The parent of --workdir does not exist: {parent!r}.")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")  # One per host process.
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"--workdir {workdir!r} is not writable: {e.strerror}.") from e
-  return workdir
 
 
 def eval_every(config: ml_collections.ConfigDict) -> int:
@@ -144,25 +130,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     )
 
 
-# ---- Model, optimizer, state ------------------------------------------------------
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[Any, optax.Schedule]:
-  """AdamW with linear warmup then constant or cosine decay, optional global-norm clip."""
-  o = config.optim
-  if o.schedule == "constant":
-    lr = optax.constant_schedule(o.lr)
-  elif o.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(o.lr, max(1, config.total_steps - o.warmup_steps))
-  else:
-    raise UserError(f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")
-  if o.warmup_steps > 0:
-    warmup = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-    lr = optax.join_schedules([warmup, lr], [o.warmup_steps])
-  tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
-  if o.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
-  return tx, lr
+# ---- Model state ----------------------------------------------------------------------
 
 
 def model_input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -170,161 +138,101 @@ def model_input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]
   return (m.input_size, m.input_size, m.in_channels)
 
 
-def init_state(config: ml_collections.ConfigDict, model, tx, init_params=None) -> State:
+def init_state(
+  config: ml_collections.ConfigDict,
+  model,
+  tx,
+  objective: objectives.Objective | None = None,
+  frozen: dict | None = None,
+) -> State:
   """The whole training state as a pytree: what a checkpoint holds (float32 params).
 
-  init_params: a distillation teacher's params; they replace the fresh ones they cover.
+  objective, frozen: an objective whose `init_params` makes the initial params from its
+  frozen inputs (a distillation student starts as its teacher).
   """
-  key = jax.random.PRNGKey(config.seed)
-  init_key, train_key = jax.random.split(key)
-  x = jnp.zeros((1, *model_input_shape(config)), jnp.float32)
-  params = model.init(init_key, x, jnp.zeros((1,), jnp.float32), example_cond(config, 1))["params"]
-  if init_params is not None:
-    params = distill.student_params(params, init_params)
-  return {
-    "step": jnp.zeros((), jnp.int32),
-    "params": params,
-    "ema_params": params,
-    "opt_state": tx.init(params),
-    "rng": train_key,
-    "bad_steps": jnp.zeros((), jnp.int32),  # Consecutive non-finite steps.
-    "skipped_steps": jnp.zeros((), jnp.int32),  # All non-finite steps so far.
-  }
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  params = model.init(init_key, *dit_model.example_inputs(model))["params"]
+  if objective is not None and objective.init_params is not None:
+    params = objective.init_params(params, frozen)
+  return checkpoint.new_state(params, tx, train_key)
 
 
-def example_cond(config: ml_collections.ConfigDict, batch: int) -> dict | None:
-  """A dummy condition with the shapes the model expects (for init and tracing)."""
-  cond = {}
-  if config.model.num_classes:
-    cond["label"] = jnp.zeros((batch,), jnp.int32)
-  if config.model.get("caption_channels", 0):
-    length = config.data.get("max_text_length", 120)
-    cond["text"] = jnp.zeros((batch, length, config.model.caption_channels), jnp.float32)
-    cond["text_mask"] = jnp.ones((batch, length), jnp.int32)
-  if config.model.get("guidance_embedding", False):
-    cond["guidance"] = jnp.ones((batch,), jnp.float32)
-  return cond or None
+def abstract_state(config: ml_collections.ConfigDict) -> State:
+  """The training state's shapes and dtypes for `config` (nothing is allocated)."""
+  model = dit_model.build_model(config.model)
+  tx, _ = make_optimizer(config)
+  return jax.eval_shape(functools.partial(init_state, config, model, tx))
 
 
-def batch_cond(batch: dict) -> dict:
-  return {k: batch[k] for k in ("label", "text", "text_mask") if k in batch}
+def restore_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[State, dict] | None:
+  """(state, data iterator state) of the newest readable checkpoint of a run (on the first
+  device, unsharded), or None if it has none: for inspecting a run from Python."""
+  return checkpoint.restore(checkpoint.manager(workdir, config), abstract_state(config))
 
 
 # ---- The update step -----------------------------------------------------------------
 
 
-def make_update_fn(
-  config, model, schedule, tx, lr_schedule, axis_name: str | None, teacher_model=None
-):
-  """Returns `update(state, batch, teacher) -> (state, metrics)`, pure and jittable.
+def make_apply(model, remat_policy: str = "") -> objectives.base.Apply:
+  """apply(params, x_t, t, cond) -> model output; with a policy, the forward is recomputed in
+  the backward pass, keeping what the policy saves (config.step_remat_policy)."""
 
-  With `axis_name` it runs inside pmap: the batch is this device's slice, gradients
-  and metrics are averaged over the axis. Mixed precision is the model's compute dtype
-  (config.model.dtype): params, gradients, optimizer state and EMA stay float32.
-  teacher: the frozen teacher's params, needed for consistency distillation (when
-  `teacher_model` is given), unused otherwise.
-  """
-  d, o = config.diffusion, config.optim
-  drop_prob = config.model.get("class_dropout_prob", 0.0)
-  policy = config.get("step_remat_policy", "")
-
-  def forward(params, x_t, t, cond):
+  def apply(params, x_t, t, cond):
     return model.apply({"params": params}, x_t, t, cond)
 
-  if policy:
-    # Recompute the forward in the backward pass, keeping what the policy saves.
-    forward = jax.checkpoint(forward, policy=getattr(jax.checkpoint_policies, policy))
+  if remat_policy:
+    apply = jax.checkpoint(apply, policy=getattr(jax.checkpoint_policies, remat_policy))
+  return apply
+
+
+def _grads(loss_fn, params, micro: dict, k: int):
+  """((loss, metrics), grads) of `loss_fn(params, micro)`, over k micro-batches if k > 1."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    return grad_fn(params, micro)
+  # Micro-batch j takes examples j, j + k, ...: a strided split keeps every micro-batch
+  # spread over all data-parallel devices (a contiguous one would sit on a few).
+  micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), micro)
+
+  def accumulate(carry, mb):
+    return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
+
+  zeros = jax.tree.map(
+    jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+  )
+  total, _ = jax.lax.scan(accumulate, zeros, micro)
+  return jax.tree.map(lambda x: x / k, total)
+
+
+def make_update_fn(
+  config: ml_collections.ConfigDict,
+  loss: objectives.base.Loss,
+  tx: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  axis_name: str | None,
+):
+  """Returns `update(state, batch, frozen) -> (state, metrics)`, pure and jittable.
+
+  loss: the objective's loss (`objectives.Objective.loss`); frozen: its frozen inputs. With
+  `axis_name` it runs inside pmap: the batch is this device's slice, gradients and metrics
+  are averaged over the axis. Mixed precision is the model's compute dtype
+  (config.model.dtype): params, gradients, optimizer state and EMA stay float32.
+  """
+  o = config.optim
 
   def example_keys(state, num):
     offset = jax.lax.axis_index(axis_name) * num if axis_name else 0
     step_key = jax.random.fold_in(state["rng"], state["step"])
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(offset + jnp.arange(num))
 
-  def per_example(keys, fn, i):
-    """fn(key) for each example's i-th subkey: draws that do not depend on how the batch is
-    split over devices or micro-batches."""
-    return jax.vmap(lambda k: fn(jax.random.fold_in(k, i)))(keys)
-
-  def loss_fn(params, micro):
-    x0, keys = micro["x0"], micro["keys"]
-    cond = batch_cond(micro)
-    # Timestep, noise and the label/caption dropout for CFG.
-    t = per_example(keys, lambda k: jax.random.randint(k, (), 0, schedule.T), 0)
-    noise = per_example(keys, lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
-    cond["drop"] = per_example(keys, lambda k: jax.random.bernoulli(k, drop_prob), 2)
-    loss, _ = losses.diffusion_loss(
-      lambda x_t, t: forward(params, x_t, t, cond),
-      x0,
-      keys[0],  # Unused: t and noise are given.
-      schedule,
-      prediction=d.prediction,
-      weighting=d.weighting,
-      min_snr_gamma=d.min_snr_gamma,
-      learn_sigma=config.model.learn_sigma,
-      t=t,
-      noise=noise,
-    )
-    return loss.mean()
-
-  def distill_loss_fn(params, micro, target, teacher):
-    """The consistency-distillation loss, the EMA params `target` being the target network."""
-    x0, keys = micro["x0"], micro["keys"]
-    dc = config.distill
-    index = per_example(keys, lambda k: jax.random.randint(k, (), 0, dc.num_ddim_timesteps), 0)
-    noise = per_example(keys, lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype), 1)
-    w = per_example(
-      keys, lambda k: jax.random.uniform(k, (), minval=dc.guidance_min, maxval=dc.guidance_max), 2
-    )
-    cond = batch_cond(micro)
-    student_cond = dict(cond, guidance=w)
-    teacher_fn = guidance.cfg_denoise(
-      lambda x, t, c: teacher_model.apply({"params": teacher}, x, t, c), cond, w
-    )
-    loss, _ = consistency.distillation_loss(
-      lambda x, t: forward(params, x, t, student_cond),
-      teacher_fn,
-      lambda x, t: model.apply({"params": target}, x, t, student_cond),
-      x0,
-      schedule,
-      index=index,
-      noise=noise,
-      num_ddim_timesteps=dc.num_ddim_timesteps,
-      prediction=d.prediction,
-      solver=dc.solver,
-      distance=dc.distance,
-      huber_c=dc.huber_c,
-      timestep_scaling=dc.timestep_scaling,
-    )
-    return loss.mean()
-
-  def update(state, batch, teacher=None):
+  def update(state, batch, frozen=None):
     x0 = batch["latent"] if "latent" in batch else batch["image"]
-    micro = dict(batch_cond(batch), x0=x0, keys=example_keys(state, x0.shape[0]))
-    k = config.grad_accum_steps
-    if teacher_model is None:
-      grad_fn = jax.value_and_grad(loss_fn)
-    else:
-      grad_fn = jax.value_and_grad(
-        lambda params, mb: distill_loss_fn(params, mb, state["ema_params"], teacher)
-      )
-    if k == 1:
-      loss, grads = grad_fn(state["params"], micro)
-    else:
-      # Micro-batch j takes examples j, j + k, ...: a strided split keeps every micro-batch
-      # spread over all data-parallel devices (a contiguous one would sit on a few).
-      micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), micro
-      )
-
-      def accumulate(carry, mb):
-        loss, grads = grad_fn(state["params"], mb)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-      loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+    micro = dict(objectives.batch_cond(batch), x0=x0, keys=example_keys(state, x0.shape[0]))
+    frozen = dict(frozen or {}, ema_params=state["ema_params"])
+    loss_fn = lambda params, mb: loss(params, mb, frozen)
+    (loss_value, aux), grads = _grads(loss_fn, state["params"], micro, config.grad_accum_steps)
     if axis_name:
-      loss, grads = jax.lax.pmean((loss, grads), axis_name)
+      loss_value, aux, grads = jax.lax.pmean((loss_value, aux, grads), axis_name)
 
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -337,7 +245,8 @@ def make_update_fn(
 
     # NaN/Inf guard: a bad step changes nothing but the counters, so a checkpoint never
     # holds non-finite values.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+    ok = ok & jnp.isfinite(optax.global_norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old)
     new_state = {
       "step": step + 1,
@@ -349,141 +258,124 @@ def make_update_fn(
       "skipped_steps": state["skipped_steps"] + (~ok).astype(jnp.int32),
     }
     metrics = {
-      "loss": loss,
+      "loss": loss_value,
       "grad_norm": grad_norm,
       "lr": lr_schedule(step),
       "bad_steps": new_state["bad_steps"],
       "skipped_steps": new_state["skipped_steps"],
+      **aux,
     }
     return new_state, metrics
 
   return update
 
 
-# ---- Checkpoints ----------------------------------------------------------------------
+# ---- Setup (shared with benchmarks/train.py) ---------------------------------------------
 
 
-def checkpoint_manager(
-  workdir: str, config: ml_collections.ConfigDict, best: bool = False
-) -> ocp.CheckpointManager:
-  """ckpt/: the last config.keep_ckpts steps; ckpt_best/: the best by config.eval.best_metric.
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop (and a benchmark) needs before the first step; nothing is allocated
+  but the objective's frozen inputs.
 
-  Saves are asynchronous (the step loop goes on while they are written) and atomic: a save
-  is written to a temporary directory and renamed when complete, so a run killed mid-save
-  leaves the previous checkpoints intact; leftovers are removed on the next start.
+  step: the jitted (mesh) or pmapped update, `step(state, batch, frozen)`, state donated.
+  init: () -> the initial state placed on `state_sharding` (unstacked).
+  place_state / host_state: unstacked state -> the step's layout (stacked for pmap) and back.
+  to_device: a host batch -> the step's batch layout. frozen: the objective's frozen inputs,
+  placed for the step.
   """
-  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-  if best:
-    metric = config.eval.best_metric
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=1,
-      best_fn=lambda metrics: metrics[metric],
-      best_mode=config.eval.best_mode,
-      keep_checkpoints_without_metrics=False,
-      create=True,
-      cleanup_tmp_directories=True,
-      enable_async_checkpointing=True,
-    )
-    return ocp.CheckpointManager(
-      os.path.join(workdir, "ckpt_best"), options=options, item_handlers=handlers
-    )
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=config.keep_ckpts,
-    create=True,
-    cleanup_tmp_directories=True,
-    enable_async_checkpointing=True,
-  )
-  return ocp.CheckpointManager(
-    os.path.join(workdir, "ckpt"), options=options, item_handlers=handlers
-  )
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  use_pmap: bool
+  model: Any
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  schedule: schedules.Schedule
+  objective: objectives.Objective
+  abstract_state: State
+  state_sharding: Any
+  step: Callable
+  init: Callable[[], State]
+  to_device: Callable[[dict], dict]
+  frozen: dict
+
+  def place_state(self, state: State) -> State:
+    return parallel.stack_for_pmap(state, self.mesh) if self.use_pmap else state
+
+  def host_state(self, state: State) -> State:
+    return parallel.unstack_from_pmap(state, self.mesh) if self.use_pmap else state
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
-
-
-def save_checkpoint(
-  mngr, state: State, data_state: dict, force: bool = False, metrics: dict | None = None
-) -> None:
-  """Starts an async save of `state` (unstacked) and the data iterator state."""
-  step = int(parallel.first_value(state["step"]))
-  finite = _all_finite({"params": state["params"], "ema": state["ema_params"]})
-  if not bool(parallel.first_value(finite)):
-    raise FloatingPointError(f"Refusing to save a non-finite checkpoint at step {step}.")
-  mngr.save(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-    force=force,
-    metrics=metrics,
-  )
-
-
-def _check_compatible(mngr, step: int, abstract_state: State) -> None:
-  """Raises `UserError` naming the parameters whose saved shapes differ from the config's."""
+def make_mesh(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, int]:
+  """(the mesh of config.parallelism, its data-parallel size); bad settings are a UserError."""
+  use_pmap = config.parallelism == "pmap"
   try:
-    saved = mngr.item_metadata(step)["state"]
-    saved = getattr(saved, "tree", saved)["params"]
-  except Exception:  # Unreadable metadata: the restore below reports it.
-    return
-  shapes = lambda tree: {
-    parallel.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
-  }
-  saved, wanted = shapes(saved), shapes(abstract_state["params"])
-  diffs = [f"{k}: missing from the checkpoint" for k in sorted(set(wanted) - set(saved))]
-  diffs += [f"{k}: not in this model" for k in sorted(set(saved) - set(wanted))]
-  diffs += [
-    f"{k}: checkpoint {saved[k]}, config {wanted[k]}"
-    for k in sorted(set(saved) & set(wanted))
-    if saved[k] != wanted[k]
-  ]
-  if diffs:
-    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-    raise UserError(
-      f"The checkpoint at step {step} in {mngr.directory} was written for a different model "
-      f"(params: {shown}); use a new --workdir or the matching config.model."
-    )
+    mesh = parallel.pmap_mesh() if use_pmap else parallel.make_mesh(config.mesh)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  num_dp = jax.device_count() if use_pmap else parallel.data_parallel_size(mesh)
+  return mesh, num_dp
 
 
-def restore_checkpoint(mngr, abstract_state: State) -> tuple[State, dict] | None:
-  """Restores the newest readable checkpoint onto the shardings of `abstract_state`.
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Builds the mesh, model, optimizer, schedule, objective, shardings and the update step."""
+  mesh, num_dp = make_mesh(config)
+  check_config(config, num_dp)
+  use_pmap = config.parallelism == "pmap"
+  model = dit_model.build_model(config.model)
+  tx, lr_schedule = make_optimizer(config)
+  schedule = schedules.from_config(config.diffusion)
+  apply = make_apply(model, config.get("step_remat_policy", ""))
+  objective = objectives.make_objective(config, apply, schedule)
+  init_fn = functools.partial(init_state, config, model, tx, objective)
+  abstract_state = jax.eval_shape(init_fn, objective.frozen)
 
-  Leaves without a sharding go to the first local device. Orbax reshards, so the checkpoint
-  may come from any device count or mesh. A checkpoint that cannot be read (corrupt, half
-  deleted) is skipped for the previous one, with a warning. Returns None if there is none.
-  """
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with_sharding = lambda x: jax.ShapeDtypeStruct(
-    x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device
+  # Shardings of the (unstacked) state and the frozen inputs: replicated for pmap, by the
+  # rules on the mesh.
+  replicated = parallel.replicated(mesh)
+  if use_pmap:
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    frozen_sharding = jax.tree.map(lambda _: replicated, objective.frozen)
+  else:
+    fsdp_min = config.mesh.get("fsdp_min_size", 2**14)
+    state_sharding = parallel.state_sharding(abstract_state, mesh, min_fsdp_size=fsdp_min)
+    frozen_sharding = parallel.state_sharding(objective.frozen, mesh, min_fsdp_size=fsdp_min)
+  abstract_state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
   )
-  abstract_state = jax.tree.map(with_sharding, abstract_state)
-  steps = sorted(mngr.all_steps(), reverse=True)
-  errors = []
-  for step in steps:
-    _check_compatible(mngr, step, abstract_state)
-    try:
-      restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        ),
-      )
-      return restored["state"], restored["data"]
-    except Exception as e:  # Orbax raises many types for a damaged checkpoint.
-      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-      logging.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, e)
-      if jax.process_index() == 0:
-        print(
-          f"warning: checkpoint step {step} in {mngr.directory} is unreadable "
-          f"({type(e).__name__}); falling back to the previous one.",
-          file=sys.stderr,
-        )
-  if steps:
-    raise UserError(
-      f"No checkpoint in {mngr.directory} is readable ({'; '.join(errors)}). Move the "
-      "directory away to start afresh."
+
+  update = make_update_fn(config, objective.loss, tx, lr_schedule, "batch" if use_pmap else None)
+  if use_pmap:
+    step = jax.pmap(update, axis_name="batch", donate_argnums=(0,))
+    to_device = functools.partial(parallel.pmap_batch, mesh=mesh)
+  else:
+    batch_sharding = parallel.batch_sharding(mesh)
+    step = jax.jit(
+      update,
+      in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
     )
-  return None
+    to_device = functools.partial(parallel.global_batch, sharding=batch_sharding)
+  frozen = jax.device_put(objective.frozen, frozen_sharding)
+  init = jax.jit(init_fn, out_shardings=state_sharding)
+  return Setup(
+    config=config,
+    mesh=mesh,
+    use_pmap=use_pmap,
+    model=model,
+    tx=tx,
+    lr_schedule=lr_schedule,
+    schedule=schedule,
+    objective=objective,
+    abstract_state=abstract_state,
+    state_sharding=state_sharding,
+    step=step,
+    init=lambda: init(frozen),
+    to_device=to_device,
+    frozen=parallel.stack_for_pmap(frozen, mesh) if use_pmap else frozen,
+  )
 
 
 # ---- Logging ----------------------------------------------------------------------------
@@ -560,9 +452,7 @@ def _summarise(window: list[dict], elapsed: float, config, flops_per_image: floa
 
 def _train_flops_per_image(model) -> float | None:
   try:
-    from dit import info
-
-    return info.model_info(model)["gflops_train"] * 1e9
+    return flops.model_info(model)["gflops_train"] * 1e9
   except Exception as e:  # Best effort: logging must not stop training.
     logging.warning("Could not count model FLOPs: %s", e)
     return None
@@ -589,25 +479,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   The returned state is unstacked (no device axis): replicated for "pmap", sharded over the
   mesh for "mesh".
   """
-  # Workdir and logging.
   if config.distributed:
     parallel.initialize_distributed()
-  workdir = prepare_workdir(workdir)
+  workdir = checkpoint.prepare_workdir(workdir)
   check_resume_config(workdir, config)
-  is_main = jax.process_index() == 0
-
-  # Devices and mesh.
-  use_pmap = config.parallelism == "pmap"
-  try:
-    mesh = parallel.pmap_mesh() if use_pmap else parallel.make_mesh(config.mesh)
-  except ValueError as e:
-    raise UserError(str(e)) from e
-  num_dp = jax.device_count() if use_pmap else parallel.data_parallel_size(mesh)
-  check_config(config, num_dp)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    _print_run_summary(config, workdir, mesh)
+  s = setup(config)
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+    _print_run_summary(config, workdir, s.mesh)
 
   # Input pipeline: each process reads its own rows of every global batch.
   data_iter = pipeline.make_train_iterator(
@@ -617,176 +496,147 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-
-  # Model, optimizer, EMA, schedule.
-  model = dit_model.build_model(config.model)
-  tx, lr_schedule = make_optimizer(config)
-  schedule = schedules.make_schedule(
-    config.diffusion.schedule,
-    config.diffusion.num_timesteps,
-    beta_start=config.diffusion.beta_start,
-    beta_end=config.diffusion.beta_end,
-  )
-  init_fn = functools.partial(init_state, config, model, tx)
-  abstract_state = jax.eval_shape(init_fn)
-  teacher_model, teacher = None, {}
-  if distill.enabled(config):
-    teacher_model, teacher = distill.load_teacher(config)
-
-  # Shardings of the (unstacked) state: replicated for pmap, by the rules for the mesh.
-  replicated = parallel.replicated(mesh)
-  if use_pmap:
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  else:
-    fsdp_min = config.mesh.get("fsdp_min_size", 2**14)
-    state_sharding = parallel.state_sharding(abstract_state, mesh, min_fsdp_size=fsdp_min)
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-  )
-
-  # Update step: pmap or jit over the mesh; the state buffers are donated. A distillation
-  # teacher is placed like the params: replicated (pmap) or by the sharding rules (mesh).
-  if use_pmap:
-    update = make_update_fn(
-      config, model, schedule, tx, lr_schedule, axis_name="batch", teacher_model=teacher_model
-    )
-    step_fn = jax.pmap(update, axis_name="batch", donate_argnums=(0,))
-    to_device = functools.partial(parallel.pmap_batch, mesh=mesh)
-    teacher_sharding = jax.tree.map(lambda _: replicated, teacher)
-  else:
-    update = make_update_fn(
-      config, model, schedule, tx, lr_schedule, axis_name=None, teacher_model=teacher_model
-    )
-    batch_sharding = parallel.batch_sharding(mesh)
-    teacher_sharding = parallel.state_sharding(teacher, mesh, min_fsdp_size=fsdp_min)
-    step_fn = jax.jit(
-      update,
-      in_shardings=(state_sharding, batch_sharding, teacher_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,),
-    )
-    to_device = functools.partial(parallel.global_batch, sharding=batch_sharding)
-  teacher = jax.device_put(teacher, teacher_sharding)
-
-  # Restore the latest checkpoint, or initialise.
-  mngr = checkpoint_manager(workdir, config)
-  best_mngr = checkpoint_manager(workdir, config, best=True) if eval_every(config) else None
-  restored = restore_checkpoint(mngr, abstract_state)
+  mngr = checkpoint.manager(workdir, config)
+  best_mngr = checkpoint.manager(workdir, config, best=True) if eval_every(config) else None
+  restored = checkpoint.restore(mngr, s.abstract_state)
   if restored is not None:
     state, data_state = restored
     data_iter.set_state(data_state)
-  elif teacher_model is not None:  # The student starts as the teacher.
-    state = jax.jit(lambda t: init_fn(init_params=t), out_shardings=state_sharding)(teacher)
+    if jax.process_index() == 0:
+      print(f"Resumed from step {int(parallel.first_value(state['step']))}.", flush=True)
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    state = s.init()
+  try:
+    state = _loop(s, s.place_state(state), data_iter, workdir, mngr, best_mngr)
+  finally:
+    mngr.wait_until_finished()
+    if best_mngr is not None:
+      best_mngr.wait_until_finished()
+  if config.sample.num:
+    params = _eval_params(s, state)
+    if jax.process_index() == 0:
+      _write_samples(s, params, workdir, "grid.png")
+  return state
+
+
+def _eval_params(s: Setup, unstacked: State):
+  """Params for sampling on this process's first device (all processes must call)."""
+  params = unstacked["ema_params"] if s.config.sample.use_ema else unstacked["params"]
+  return parallel.local_copy(parallel.gather(params, s.mesh))
+
+
+class _Preemption:
+  """SIGTERM asks for a checkpoint at the next step boundary, then an exit. On multi-host jobs
+  JAX's preemption service agrees on that step across hosts."""
+
+  def __init__(self):
+    self.requested = False
+    self.multi_host = jax.process_count() > 1
+    self.previous = None
+    if not self.multi_host:
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+  def now(self, mngr, step: int) -> bool:
+    return self.requested or (self.multi_host and mngr.reached_preemption(step))
+
+  def close(self) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+def _loop(s: Setup, state: State, data_iter, workdir: str, mngr, best_mngr) -> State:
+  """Steps from the state's step to config.total_steps; returns the unstacked state."""
+  config, is_main = s.config, jax.process_index() == 0
   start_step = int(parallel.first_value(state["step"]))
-  if is_main and restored is not None:
-    print(f"Resumed from step {start_step}.", flush=True)
-  if use_pmap:
-    state = parallel.stack_for_pmap(state, mesh)
-    teacher = parallel.stack_for_pmap(teacher, mesh)
-
-  def host_state():
-    """The unstacked state: what checkpoints hold."""
-    return parallel.unstack_from_pmap(state, mesh) if use_pmap else state
-
-  def eval_params(unstacked):
-    """Params for sampling on this process's first device (all processes must call)."""
-    params = unstacked["ema_params"] if config.sample.use_ema else unstacked["params"]
-    return parallel.local_copy(parallel.gather(params, mesh))
-
-  # Preemption: SIGTERM saves a checkpoint at the next step boundary, then exits. On
-  # multi-host jobs JAX's preemption service agrees on that step across hosts.
-  preempted = []
-  multi_host = jax.process_count() > 1
-  previous_handler = None
-  if not multi_host:
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-
   # Rows after the restored step (logged before a crash) are dropped: they are redone.
   writer = MetricWriter(workdir, resume_step=start_step)
-  flops_per_image = _train_flops_per_image(model) if is_main else None
+  flops_per_image = _train_flops_per_image(s.model) if is_main else None
   progress = None
   if is_main and config.progress_bar:
     from tqdm import tqdm
 
     progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
+  preemption = _Preemption()
   compiled, window = None, []
   step, data_state = start_step, data_iter.get_state()
   window_start = time.perf_counter()
   try:
     while step < config.total_steps:
-      batch = to_device(_model_inputs(next(data_iter)))
+      batch = s.to_device(_model_inputs(config, next(data_iter)))
       data_state = data_iter.get_state()  # Points at the batch after this one.
       if compiled is None:
-        compiled = step_fn.lower(state, batch, teacher).compile()
+        compiled = s.step.lower(state, batch, s.frozen).compile()
         window_start = time.perf_counter()  # Steps/s without the compile.
-      state, metrics = compiled(state, batch, teacher)
+      state, metrics = compiled(state, batch, s.frozen)
       step += 1
       window.append(metrics)
       if progress is not None:
         progress.update(1)
-
       if step % config.log_every == 0 or step == config.total_steps:
         row = _summarise(window, time.perf_counter() - window_start, config, flops_per_image)
-        writer.write(step, row)
-        if progress is not None:
-          progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        if row["bad_steps"] >= config.max_bad_steps:
-          raise FloatingPointError(
-            f"{int(row['bad_steps'])} consecutive non-finite steps up to step {step} "
-            f"({int(row['skipped_steps'])} skipped in all; last loss={row['loss']}, "
-            f"grad_norm={row['grad_norm']}); stopping. The checkpoints hold only finite "
-            "values; try a lower config.optim.lr or config.optim.grad_clip."
-          )
+        _log_row(writer, progress, step, row, config)
         window, window_start = [], time.perf_counter()
-
-      if config.sample_every and step % config.sample_every == 0:
-        params = eval_params(host_state())
-        if is_main:
-          _write_samples(config, model, params, schedule, workdir, f"samples/step_{step:06d}.png")
-
-      if eval_every(config) and step % eval_every(config) == 0:
-        results = _evaluate(config, model, eval_params(host_state()), step)
-        writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-        save_checkpoint(best_mngr, host_state(), data_state, metrics=results)
-
-      preempted_now = bool(preempted) or (multi_host and mngr.reached_preemption(step))
-      if step % config.ckpt_every == 0 or step == config.total_steps or preempted_now:
-        save_checkpoint(mngr, host_state(), data_state, force=preempted_now)
-      if preempted_now:
+      if _periodic_due(config, step):
+        _sample_and_evaluate(s, s.host_state(state), step, workdir, writer, best_mngr, data_state)
+      preempted = preemption.now(mngr, step)
+      if step % config.ckpt_every == 0 or step == config.total_steps or preempted:
+        checkpoint.save(mngr, s.host_state(state), data_state, force=preempted)
+      if preempted:
         mngr.wait_until_finished()
         print(f"SIGTERM: saved checkpoint at step {step}; exiting.", file=sys.stderr, flush=True)
         raise SystemExit(143)
   finally:
-    mngr.wait_until_finished()
-    if best_mngr is not None:
-      best_mngr.wait_until_finished()
     writer.close()
     if progress is not None:
       progress.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
-
-  state = host_state()
-  if config.sample.num:
-    params = eval_params(state)
-    if is_main:
-      _write_samples(config, model, params, schedule, workdir, "grid.png")
-  return state
+    preemption.close()
+  return s.host_state(state)
 
 
-def _model_inputs(batch: dict) -> dict:
-  """Drops what the update step does not consume (e.g. caption strings)."""
-  return {k: v for k, v in batch.items() if k in ("image", "latent", "label", "text", "text_mask")}
+def _log_row(writer, progress, step: int, row: dict, config) -> None:
+  writer.write(step, row)
+  if progress is not None:
+    progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+  if row["bad_steps"] >= config.max_bad_steps:
+    raise FloatingPointError(
+      f"{int(row['bad_steps'])} consecutive non-finite steps up to step {step} "
+      f"({int(row['skipped_steps'])} skipped in all; last loss={row['loss']}, "
+      f"grad_norm={row['grad_norm']}); stopping. The checkpoints hold only finite "
+      "values; try a lower config.optim.lr or config.optim.grad_clip."
+    )
+
+
+def _periodic_due(config, step: int) -> bool:
+  sample = config.sample_every and step % config.sample_every == 0
+  return bool(sample or (eval_every(config) and step % eval_every(config) == 0))
+
+
+def _sample_and_evaluate(s: Setup, host: State, step, workdir, writer, best_mngr, data_state):
+  """Sample grids every config.sample_every steps, evaluation every config.eval.every."""
+  config = s.config
+  if config.sample_every and step % config.sample_every == 0:
+    params = _eval_params(s, host)
+    if jax.process_index() == 0:
+      _write_samples(s, params, workdir, f"samples/step_{step:06d}.png")
+  if eval_every(config) and step % eval_every(config) == 0:
+    results = _evaluate(config, s.model, _eval_params(s, host), step)
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+    checkpoint.save(best_mngr, host, data_state, metrics=results)
+
+
+def _model_inputs(config, batch: dict) -> dict:
+  """What the update step consumes (no caption strings), with the image sizes of models that
+  are conditioned on them (every training image has the trained size)."""
+  keep = ("image", "latent", *objectives.base.COND_KEYS)
+  inputs = {k: v for k, v in batch.items() if k in keep}
+  num = len(inputs["latent" if "latent" in inputs else "image"])
+  sizes = generate.size_cond(config, num)
+  return {**inputs, **{k: np.asarray(v) for k, v in sizes.items() if k not in inputs}}
 
 
 def _evaluate(config, model, params, step: int) -> dict[str, float]:
-  """dit.evaluate's metrics of `params`; every process computes them (same samples)."""
-  from dit import evaluate as evaluate_lib
-
-  results = evaluate_lib.evaluate(config, model, params, jax.random.PRNGKey(config.seed))
+  """The evaluation metrics of `params`; every process computes them (same samples)."""
+  results = evaluation.evaluate(config, model, params, jax.random.PRNGKey(config.seed))
   results = {k: float(v) for k, v in results.items() if np.ndim(v) == 0}
   if config.eval.best_metric not in results:
     raise UserError(
@@ -798,13 +648,12 @@ def _evaluate(config, model, params, step: int) -> dict[str, float]:
   return results
 
 
-def _write_samples(config, model, params, schedule, workdir, name) -> None:
-  from dit import sample as sample_lib
-
-  images = sample_lib.class_grid(config, model, params, schedule, jax.random.PRNGKey(config.seed))
+def _write_samples(s: Setup, params, workdir: str, name: str) -> None:
+  config = s.config
+  images = generate.class_grid(config, s.model, params, s.schedule, jax.random.PRNGKey(config.seed))
   path = os.path.join(workdir, name)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  sample_lib.save_grid(images, path, nrow=config.model.num_classes or 10)
+  generate.save_grid(images, path, nrow=config.model.num_classes or 10)
 
 
 # ---- Command line ------------------------------------------------------------------------

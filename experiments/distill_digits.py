@@ -23,8 +23,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dit import evaluate as evaluate_lib
-from dit import sample as sample_lib
+from dit import checkpoint, evaluation, generate
 
 # (who, sampler, steps); the grid shows GRID_ARMS.
 ARMS = [
@@ -59,8 +58,8 @@ def real_edge_noise() -> float:
 
 def seconds_per_batch(config, model, params, key, num: int) -> float:
   """Wall time of one warm, jitted sampling call for `num` class-balanced images."""
-  cond = sample_lib.label_cond(config, sample_lib.grid_labels(num, 10))
-  run = lambda: jax.block_until_ready(sample_lib.generate(config, model, params, cond, key, num))
+  cond = generate.label_cond(config, generate.grid_labels(num, 10))
+  run = lambda: jax.block_until_ready(generate.generate(config, model, params, cond, key, num))
   run()
   start = time.perf_counter()
   run()
@@ -72,18 +71,18 @@ def evaluate_arms(teacher: str, student: str, num_samples: int, seed: int):
   rows, grids = [], {}
   for who in ("teacher", "student"):
     workdir = teacher if who == "teacher" else student
-    config = sample_lib.load_workdir_config(workdir)
+    config = checkpoint.read_config(workdir)
     config.eval.num_samples = num_samples
     config.eval.batch_size = min(500, num_samples)
-    model, params = sample_lib.load_params(config, workdir)
+    model, params = generate.load_params(config, workdir)
     for arm in [a for a in ARMS if a[0] == who]:
       _, sampler, steps = arm
       config.sample.sampler, config.sample.steps = sampler, steps
       key = jax.random.PRNGKey(seed)
-      images, labels = evaluate_lib.generate_samples(
+      images, labels = evaluation.generate_samples(
         config, model, params, key, num_samples, config.eval.batch_size
       )
-      result = evaluate_lib.digits_metrics(config, images, labels)
+      result = evaluation.digits_metrics(config, images, labels)
       batch_s = seconds_per_batch(config, model, params, key, config.eval.batch_size)
       row = {
         "model": who,
@@ -98,7 +97,7 @@ def evaluate_arms(teacher: str, student: str, num_samples: int, seed: int):
       rows.append(row)
       print(json.dumps(row), flush=True)
       if arm in GRID_ARMS:
-        grids[arm] = np.asarray(sample_lib.class_grid(config, model, params, None, key, num=100))
+        grids[arm] = np.asarray(generate.class_grid(config, model, params, None, key, num=100))
   return rows, grids
 
 
@@ -131,7 +130,7 @@ def write_figure(grids: dict, path: str) -> None:
 
   fig, axes = plt.subplots(1, len(GRID_ARMS), figsize=(4 * len(GRID_ARMS), 4.4))
   for ax, arm in zip(axes, GRID_ARMS, strict=True):
-    images = sample_lib.to_uint8(grids[arm])[..., 0]  # (100, 8, 8)
+    images = generate.to_uint8(grids[arm])[..., 0]  # (100, 8, 8)
     n, h, w = images.shape
     tile = images.reshape(10, n // 10, h, w).transpose(0, 2, 1, 3).reshape(10 * h, n // 10 * w)
     ax.imshow(tile, cmap="gray", vmin=0, vmax=255, interpolation="nearest")

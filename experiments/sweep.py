@@ -1,7 +1,7 @@
 """What scaling.py and ablations.py share: config overrides, one run, reading results back.
 
 A sweep is a list of arms; an arm is a dict of dotted config overrides, e.g.
-  {"model.conditioning": "in_context"} or {"sample.sampler": "dpmpp_2m", "sample.steps": 10}.
+  {"model.block": "in_context"} or {"sample.sampler": "dpmpp_2m", "sample.steps": 10}.
 Each arm trains in its own workdir `root/<slug>`, where the slug names the overrides that
 change training (sample.* and eval.* do not: arms differing only in sampling share one
 trained model). Everything a summary needs is on disk (metrics.jsonl, config.json,
@@ -11,7 +11,6 @@ the same command again: finished runs are not retrained, finished evaluations no
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -32,36 +31,26 @@ Overrides = Mapping[str, Any]
 EVAL_ONLY_SECTIONS = ("sample", "eval")
 
 
-def load_base(spec: str) -> ml_collections.ConfigDict:
-  """A config from `path.py[:arg]` (as the dit commands read --config)."""
-  return cli.load_config(spec)
+# DiT fields a config may leave out (configs list only the model fields they change from
+# the defaults): an override of one adds it, type-checked against its default.
+MODEL_DEFAULTS = {
+  f"model.{name}": field.default
+  for name, field in dit_model.DiT.__dataclass_fields__.items()
+  if name not in ("parent", "name")
+}
+
+load_base = cli.load_config  # A config from `path.py[:arg]` (as the dit commands read --config).
 
 
 def apply_overrides(
   config: ml_collections.ConfigDict, overrides: Overrides
 ) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted-key overrides applied.
+  """A locked copy of `config` with dotted-key overrides applied (`cli.apply_overrides`).
 
-  Keys must exist in the config, except DiT fields under "model." (e.g. model.conditioning),
-  which are added: configs list only the model fields they change from the defaults.
+  Keys must exist in the config, except DiT fields under "model." (MODEL_DEFAULTS, e.g.
+  model.qk_norm), which are added. A bad key or value is a `cli.UserError`.
   """
-  config = copy.deepcopy(config)
-  model_fields = set(dit_model.DiT.__dataclass_fields__) - {"parent", "name"}
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-        raise ValueError(cli.unknown_config_key(config, key) or f"Bad override key {key!r}.")
-      node = node[p]
-    if leaf in node:
-      node[leaf] = value
-    elif parents == ["model"] and leaf in model_fields:
-      with node.unlocked():
-        node[leaf] = value
-    else:
-      raise ValueError(cli.unknown_config_key(config, key))
-  return config
+  return cli.apply_overrides(config, overrides, defaults=MODEL_DEFAULTS)
 
 
 def get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -70,8 +59,8 @@ def get(config: ml_collections.ConfigDict, key: str) -> Any:
   *parents, leaf = key.split(".")
   for p in parents:
     node = node[p]
-  if leaf not in node and parents == ["model"]:
-    return dit_model.DiT.__dataclass_fields__[leaf].default
+  if leaf not in node and key in MODEL_DEFAULTS:
+    return MODEL_DEFAULTS[key]
   return node[leaf]
 
 
@@ -132,13 +121,12 @@ def eps_mse(config, model, params, *, num: int = 512, seed: int = 1234) -> float
   """
   from dit.data import pipeline
   from dit.diffusion import schedules
-  from dit.sample import make_schedule
 
   it = pipeline.make_train_iterator(config.data, global_batch_size=num, seed=seed)
   batch = next(it)
   x0 = jnp.asarray(batch["latent"] if "latent" in batch else batch["image"])
   cond = {"label": jnp.asarray(batch["label"])} if config.model.num_classes else None
-  schedule = make_schedule(config)
+  schedule = schedules.from_config(config.diffusion)
   k_t, k_noise = jax.random.split(jax.random.PRNGKey(seed))
   t = jax.random.randint(k_t, (num,), 0, schedule.T)
   noise = jax.random.normal(k_noise, x0.shape)
@@ -169,9 +157,7 @@ def run_arm(
   dit.evaluate metrics (accuracy, digits_fd or fid, ...)}; evaluations are cached in
   workdir/eval_<sampler>_<steps>_cfg<scale>_n<num>.json.
   """
-  from dit import evaluate as evaluate_lib
-  from dit import sample as sample_lib
-  from dit import train
+  from dit import evaluation, generate, train
 
   config = apply_overrides(base, overrides)
   workdir = os.path.join(root, slug(train_overrides(base, overrides)))
@@ -196,8 +182,8 @@ def run_arm(
       result = json.load(f)
   else:
     if params is None:
-      model, params = sample_lib.load_params(config, workdir, use_ema=config.sample.use_ema)
-    result = evaluate_lib.evaluate(config, model, params, jax.random.PRNGKey(config.seed))
+      model, params = generate.load_params(config, workdir, use_ema=config.sample.use_ema)
+    result = evaluation.evaluate(config, model, params, jax.random.PRNGKey(config.seed))
     result["eps_mse"] = eps_mse(config, model, params)
     result = {k: v for k, v in result.items() if not k.startswith("accuracy_class")}
     with open(path, "w") as f:

@@ -16,7 +16,6 @@ import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
 from dit import train
-from dit.models import dit as dit_model
 
 RUN = {"optim.schedule": "constant"}
 
@@ -60,11 +59,7 @@ def wait_until(predicate, proc, timeout=600):
 
 
 def restore(workdir, **overrides):
-  config = tiny_config(**RUN, **overrides)
-  model = dit_model.build_model(config.model)
-  tx, _ = train.make_optimizer(config)
-  abstract = jax.eval_shape(lambda: train.init_state(config, model, tx))
-  state, data = train.restore_checkpoint(train.checkpoint_manager(str(workdir), config), abstract)
+  state, data = train.restore_state(tiny_config(**RUN, **overrides), str(workdir))
   return jax.device_get(state), data
 
 

@@ -17,11 +17,11 @@ import pytest
 import test_parallel
 from conftest import ROOT, tiny_config
 
-from dit import distill, train
-from dit import sample as sample_lib
+from dit import distill, generate, train
 from dit.cli import UserError
 from dit.diffusion import consistency, samplers, schedules
 from dit.models import dit as dit_model
+from dit.objectives import distillation
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -192,10 +192,11 @@ def test_distillation_step_decreases_its_loss_on_a_fixed_batch():
   x = jnp.zeros((1, 8, 8, 1))
   t_params = teacher.init(jax.random.key(1), x, jnp.zeros(1), {"label": jnp.zeros(1, int)})
   t_params = t_params["params"]
-  update = jax.jit(
-    train.make_update_fn(config, student, schedule, tx, lr, None, teacher_model=teacher)
+  objective = distillation.from_teacher(
+    config, train.make_apply(student), schedule, teacher, t_params
   )
-  state = jax.jit(lambda p: train.init_state(config, student, tx, init_params=p))(t_params)
+  update = jax.jit(train.make_update_fn(config, objective.loss, tx, lr, None))
+  state = jax.jit(lambda fr: train.init_state(config, student, tx, objective, fr))(objective.frozen)
   rng = np.random.default_rng(0)
   batch = {
     "image": jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
@@ -204,7 +205,7 @@ def test_distillation_step_decreases_its_loss_on_a_fixed_batch():
   losses = []
   for _ in range(60):
     state = dict(state, step=jnp.zeros((), jnp.int32))
-    state, metrics = update(state, batch, t_params)
+    state, metrics = update(state, batch, objective.frozen)
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-5:])
@@ -231,11 +232,11 @@ def test_student_run_writes_a_checkpoint_that_restores(runs):
     saved = json.load(f)
   assert saved["distill"]["teacher_workdir"] == teacher
   assert saved["model"]["guidance_embedding"] is True
-  model, params = sample_lib.load_params(student_config(teacher), student)
+  model, params = generate.load_params(student_config(teacher), student)
   assert model.guidance_embedding
   tree_equal(params, state["ema_params"])
   # The student moved away from the teacher.
-  _, t_params = sample_lib.load_params(tiny_config(), teacher)
+  _, t_params = generate.load_params(tiny_config(), teacher)
   assert not np.allclose(
     params["final_layer"]["linear"]["kernel"], t_params["final_layer"]["linear"]["kernel"]
   )
@@ -255,17 +256,17 @@ def test_lcm_sampling_of_the_student(runs, tmp_path):
   """dit.sample --sampler=lcm --steps=1..8 from the student's workdir (config.json)."""
   _, student, _ = runs
   config = student_config(runs[0])
-  model, params = sample_lib.load_params(config, student)
-  cond = sample_lib.label_cond(config, np.arange(4) % 10)
+  model, params = generate.load_params(config, student)
+  cond = generate.label_cond(config, np.arange(4) % 10)
   key = jax.random.key(0)
-  one = sample_lib.generate(config, model, params, cond, key, 4, steps=1)
-  two = sample_lib.generate(config, model, params, cond, key, 4, steps=2)
+  one = generate.generate(config, model, params, cond, key, 4, steps=1)
+  two = generate.generate(config, model, params, cond, key, 4, steps=2)
   assert one.shape == (4, 8, 8, 1) and np.all(np.isfinite(one))
   assert not np.allclose(one, two)
   with pytest.raises(UserError, match=r"--steps for the LCM sampler must be in \[1, 8\], got 9"):
-    sample_lib.generate(config, model, params, cond, key, 4, sampler="lcm", steps=9)
+    generate.generate(config, model, params, cond, key, 4, sampler="lcm", steps=9)
   with pytest.raises(UserError, match=r"--steps must be in \[1, 1000\], got 0"):
-    sample_lib.generate(config, model, params, cond, key, 4, sampler="lcm", steps=0)
+    generate.generate(config, model, params, cond, key, 4, sampler="lcm", steps=0)
   out = tmp_path / "lcm.png"
   cmd = [sys.executable, "-m", "dit.sample", f"--workdir={student}", "--sampler=lcm"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")

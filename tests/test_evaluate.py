@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, tiny_config
 
-from dit import evaluate, train
+from dit import evaluation, train
 from dit.cli import UserError
 from dit.models import dit as dit_model
 
@@ -40,8 +40,8 @@ def test_generate_samples_is_class_balanced_and_deterministic():
   config = tiny_config()
   model = dit_model.build_model(config.model)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), *dit_model.example_inputs(model))["params"]
-  a, labels = evaluate.generate_samples(config, model, params, jax.random.PRNGKey(1), 30, 20)
-  b, _ = evaluate.generate_samples(config, model, params, jax.random.PRNGKey(1), 30, 20)
+  a, labels = evaluation.generate_samples(config, model, params, jax.random.PRNGKey(1), 30, 20)
+  b, _ = evaluation.generate_samples(config, model, params, jax.random.PRNGKey(1), 30, 20)
   assert a.shape == (30, 8, 8, 1) and np.all(np.abs(a) <= 1.0)
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [3] * 10)
   np.testing.assert_array_equal(a, b)
@@ -60,7 +60,7 @@ def test_bad_eval_config(override, message):
   model = dit_model.build_model(config.model)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), *dit_model.example_inputs(model))["params"]
   with pytest.raises(UserError, match=message):
-    evaluate.evaluate(config, model, params, jax.random.PRNGKey(0))
+    evaluation.evaluate(config, model, params, jax.random.PRNGKey(0))
 
 
 def test_fid_config_is_checked_before_sampling_or_training(tmp_path):
@@ -75,12 +75,12 @@ def test_fid_config_is_checked_before_sampling_or_training(tmp_path):
   stats.write_bytes(b"x")
   config.eval.inception_path = str(weights)
   with pytest.raises(UserError, match="config.eval.ref_stats must name an existing file"):
-    evaluate.check_eval_config(config)
+    evaluation.check_eval_config(config)
   config.eval.ref_stats = str(stats)
   with pytest.raises(UserError, match="4-channel latents and config.vae.path is empty"):
-    evaluate.check_eval_config(config)
+    evaluation.check_eval_config(config)
   config.vae.path = str(tmp_path)
-  evaluate.check_eval_config(config)
+  evaluation.check_eval_config(config)
   config.eval.every = 1000
   config.eval.ref_stats = str(tmp_path / "missing.npz")
   with pytest.raises(UserError, match="config.eval.ref_stats must name an existing file"):

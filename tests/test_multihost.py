@@ -13,7 +13,6 @@ import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
 from dit import train
-from dit.models import dit as dit_model
 
 # Two processes of one device each sum their gradients in another order than one device.
 ATOL = 1e-5
@@ -64,12 +63,7 @@ def launch_hosts(workdir, cache_dir, num_processes=2, **overrides):
 
 
 def restore_params(workdir, **overrides):
-  config = tiny_config(**RUN, **overrides)
-  model = dit_model.build_model(config.model)
-  tx, _ = train.make_optimizer(config)
-  abstract = jax.eval_shape(lambda: train.init_state(config, model, tx))
-  mngr = train.checkpoint_manager(str(workdir), config)
-  state, data = train.restore_checkpoint(mngr, abstract)
+  state, data = train.restore_state(tiny_config(**RUN, **overrides), str(workdir))
   return jax.device_get(state), data
 
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 from PIL import Image
 from safetensors.numpy import save_file
 
-from dit import sample as sample_lib
+from dit import checkpoint, generate
 from dit.cli import UserError
 from dit.models import convert
 from dit.models.dit import DiT, example_inputs, sincos_pos_embed_2d
@@ -27,7 +27,7 @@ KWARGS = dict(
   num_heads=2,
   num_classes=10,
   learn_sigma=True,
-  adaln="zero",
+  block="adaln_zero",
 )
 
 
@@ -82,8 +82,8 @@ def test_convert_command_then_sample(official, tmp_path):
   assert {k: config["model"][k] for k in KWARGS} == KWARGS
   assert config["vae"]["path"] == ""
   # The checkpoint restores to the original params, through the config.json fallback.
-  restored_config = sample_lib.load_workdir_config(str(workdir))
-  _, restored = sample_lib.load_params(restored_config, str(workdir))
+  restored_config = checkpoint.read_config(str(workdir))
+  _, restored = generate.load_params(restored_config, str(workdir))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, restored)
 
   out = tmp_path / "grid.png"
@@ -109,22 +109,22 @@ def test_convert_command_errors(tmp_path):
 
 def test_load_workdir_config_and_errors(tmp_path, tiny):
   with pytest.raises(UserError, match="config.json"):
-    sample_lib.load_workdir_config(str(tmp_path))
+    checkpoint.read_config(str(tmp_path))
   config = tiny()
   (tmp_path / "config.json").write_text(config.to_json())
-  loaded = sample_lib.load_workdir_config(str(tmp_path))
+  loaded = checkpoint.read_config(str(tmp_path))
   assert loaded.model.hidden_size == config.model.hidden_size and loaded.is_locked
   with pytest.raises(UserError, match="No checkpoints"):
-    sample_lib.load_params(loaded, str(tmp_path))
+    generate.load_params(loaded, str(tmp_path))
 
 
 def test_sample_cond_labels_and_prompts():
   config = tiny_config()
-  cond, per_row = sample_lib.sample_cond(config, 20, None, None)
-  np.testing.assert_array_equal(cond["label"], sample_lib.grid_labels(20, 10))
-  cond, _ = sample_lib.sample_cond(config, 4, None, ["3", "5"])
+  cond, per_row = generate.sample_cond(config, 20, None, None)
+  np.testing.assert_array_equal(cond["label"], generate.grid_labels(20, 10))
+  cond, _ = generate.sample_cond(config, 4, None, ["3", "5"])
   np.testing.assert_array_equal(cond["label"], [3, 5, 3, 5])
   with pytest.raises(UserError, match="--labels must be in"):
-    sample_lib.sample_cond(config, 4, None, ["10"])
+    generate.sample_cond(config, 4, None, ["10"])
   with pytest.raises(UserError, match="--prompt needs a text-to-image model"):
-    sample_lib.sample_cond(config, 4, ["a seven"], None)
+    generate.sample_cond(config, 4, ["a seven"], None)

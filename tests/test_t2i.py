@@ -13,35 +13,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY_OVERRIDES
 from PIL import Image
 
-from dit import metrics, train
-from dit import sample as sample_lib
+from dit import generate, metrics, train
 from dit.cli import UserError, load_config
 from dit.data import digits, make_train_iterator
 from dit.data import text as text_lib
+from dit.diffusion import schedules
 from dit.models import convert
 from dit.models import dit as dit_model
 
 CONFIG = str(ROOT / "configs/t2i_pixart.py")
 TINY = {
-  "total_steps": 4,
-  "batch_size": 8,
-  "log_every": 1,
-  "ckpt_every": 2,
-  "sample_every": 0,
-  "progress_bar": False,
-  "optim.warmup_steps": 0,
+  **TINY_OVERRIDES,
   "data.resolution": 8,
   "model.input_size": 8,
-  "model.hidden_size": 32,
-  "model.depth": 1,
-  "model.num_heads": 2,
   "text.demo_dim": 16,
   "text.demo_layers": 1,
   "text.demo_heads": 2,
-  "sample.num": 0,
   "sample.steps": 4,
 }
 
@@ -71,7 +61,7 @@ def test_config_ties_text_sizes():
   config = load_config(CONFIG)
   assert config.data.text.max_length == config.data.max_text_length == config.model.caption_length
   assert config.model.caption_channels == config.text.demo_dim
-  assert config.model.adaln == "single" and config.model.num_classes == 0
+  assert config.model.block == "adaln_single" and config.model.num_classes == 0
   config.text.max_length = 40  # Overrides follow the references.
   assert config.data.max_text_length == config.model.caption_length == 40
   assert config.data.text.max_length == 40
@@ -127,23 +117,23 @@ def test_pipeline_rejects_mismatched_text_length():
 
 def test_train_and_sample_prompts(trained, tmp_path):
   config, workdir = trained
-  model, params = sample_lib.load_params(config, workdir)
+  model, params = generate.load_params(config, workdir)
   assert params["y_embedding"].shape == (32, 16)  # The learned null caption.
   prompts = ["a handwritten digit seven", "the number 3"]
-  cond = sample_lib.text_cond(config, prompts)
-  images = sample_lib.generate(config, model, params, cond, jax.random.PRNGKey(0), 2)
+  cond = generate.text_cond(config, prompts)
+  images = generate.generate(config, model, params, cond, jax.random.PRNGKey(0), 2)
   assert images.shape == (2, 8, 8, 1) and bool(jnp.all(jnp.abs(images) <= 1))
   # The grid written during training: one row per digit prompt.
-  grid = sample_lib.class_grid(
-    config, model, params, sample_lib.make_schedule(config), jax.random.PRNGKey(1), 20
+  grid = generate.class_grid(
+    config, model, params, schedules.from_config(config.diffusion), jax.random.PRNGKey(1), 20
   )
   assert grid.shape == (20, 8, 8, 1)
 
 
 def test_empty_prompt_is_the_null_caption(trained):
   config, workdir = trained
-  model, params = sample_lib.load_params(config, workdir)
-  cond = sample_lib.text_cond(config, ["", "   ", "digit 4"])
+  model, params = generate.load_params(config, workdir)
+  cond = generate.text_cond(config, ["", "   ", "digit 4"])
   np.testing.assert_array_equal(cond["drop"], [True, True, False])
   # A dropped row sees the learned null caption (y_embedding) whatever its prompt.
   null = jnp.broadcast_to(params["y_embedding"], cond["text"].shape)
@@ -159,14 +149,14 @@ def test_long_prompts_warn_truncate_or_fail(trained):
   config, _ = trained
   long = "a handwritten digit seven, carefully drawn with a thick pen"
   with pytest.warns(UserWarning, match="more than max_length=32"):
-    cond = sample_lib.text_cond(config, [long])
+    cond = generate.text_cond(config, [long])
   assert int(cond["text_mask"].sum()) == 32
   strict = t2i_config(text__overflow="error")
   with pytest.raises(UserError, match="more than max_length=32"):
-    sample_lib.text_cond(strict, [long])
+    generate.text_cond(strict, [long])
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    sample_lib.text_cond(t2i_config(text__overflow="truncate"), [long])
+    generate.text_cond(t2i_config(text__overflow="truncate"), [long])
 
 
 def test_text_errors(trained):
@@ -174,13 +164,13 @@ def test_text_errors(trained):
   wide = plain(config)
   wide.model.caption_channels = 24
   with pytest.raises(UserError, match="caption_channels=24"):
-    sample_lib.text_cond(wide, ["seven"])
+    generate.text_cond(wide, ["seven"])
   with pytest.raises(UserError, match="no text conditioning"):
-    sample_lib.text_cond(load_config(str(ROOT / "configs/digits.py")), ["seven"])
+    generate.text_cond(load_config(str(ROOT / "configs/digits.py")), ["seven"])
   with pytest.raises(UserError, match="needs --prompt"):
-    sample_lib.sample_cond(t2i_config(sample__prompt_template=""), 4, None, None)
+    generate.sample_cond(t2i_config(sample__prompt_template=""), 4, None, None)
   with pytest.raises(UserError, match="does not fit config.model"):
-    sample_lib.load_params(t2i_config(model__depth=2), workdir)
+    generate.load_params(t2i_config(model__depth=2), workdir)
 
 
 def test_missing_model_files_are_listed(tmp_path):
@@ -190,13 +180,13 @@ def test_missing_model_files_are_listed(tmp_path):
   (t5_dir / "config.json").write_text("{}")
   config = t2i_config(text__t5_path=str(t5_dir), vae__path=str(vae_dir))
   with pytest.raises(UserError) as e:
-    sample_lib.text_cond(config, ["seven"])
+    generate.text_cond(config, ["seven"])
   msg = str(e.value)
   for name in ("model.safetensors", "spiece.model or", "tokenizer.json", "vae/config.json"):
     assert name in msg
   assert "diffusion_pytorch_model.safetensors or" in msg and "t5/config.json" not in msg
   with pytest.raises(UserError, match="no such directory"):
-    sample_lib.check_model_dirs(t2i_config(vae__path=str(tmp_path / "nowhere")))
+    generate.check_model_dirs(t2i_config(vae__path=str(tmp_path / "nowhere")))
 
 
 def test_sample_command_with_prompts(trained, tmp_path):
@@ -261,7 +251,7 @@ def test_latent_pipeline_with_t5_and_vae_directories(tmp_path):
     num_heads=2,
     num_classes=0,
     learn_sigma=True,
-    adaln="single",
+    block="adaln_single",
     caption_channels=16,
     caption_length=8,
   )
@@ -295,16 +285,16 @@ def test_prompted_digits_are_recognised(tmp_path):
   config.sample.num = 0
   workdir = str(tmp_path / "t2i")
   train.train_and_evaluate(config, workdir)
-  model, params = sample_lib.load_params(config, workdir)
+  model, params = generate.load_params(config, workdir)
   accuracy = prompt_accuracy(config, model, params, num=200)
   assert accuracy >= 0.8, accuracy
 
 
 def prompt_accuracy(config, model, params, num=200, seed=0) -> float:
   """Digits-classifier accuracy of `num` samples prompted with every caption template."""
-  labels = sample_lib.grid_labels(num, 10)
+  labels = generate.grid_labels(num, 10)
   templates = np.arange(num) % len(digits.CAPTION_TEMPLATES)
   prompts = [digits.digit_caption(y, k) for y, k in zip(labels, templates, strict=True)]
-  cond = sample_lib.text_cond(config, prompts)
-  images = sample_lib.generate(config, model, params, cond, jax.random.PRNGKey(seed), num)
+  cond = generate.text_cond(config, prompts)
+  images = generate.generate(config, model, params, cond, jax.random.PRNGKey(seed), num)
   return metrics.digits_classifier_accuracy(np.asarray(images), labels)

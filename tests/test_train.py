@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
-from dit import hardware, train
+from dit import checkpoint, generate, hardware, objectives, train
 from dit.data import pipeline
 from dit.diffusion import schedules
 from dit.models import dit as dit_model
@@ -52,10 +52,7 @@ def tree_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
-def abstract_state(config):
-  model = dit_model.build_model(config.model)
-  tx, _ = train.make_optimizer(config)
-  return jax.eval_shape(lambda: train.init_state(config, model, tx))
+abstract_state = train.abstract_state
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +104,9 @@ def test_best_checkpoint_follows_eval_metric(trained):
 
 
 def test_sample_and_evaluate_load_ema_params(trained):
-  from dit import sample
-
   config = tiny_config(**RUN)
-  _, ema = sample.load_params(config, trained.workdir)
-  _, raw = sample.load_params(config, trained.workdir, use_ema=False)
+  _, ema = generate.load_params(config, trained.workdir)
+  _, raw = generate.load_params(config, trained.workdir, use_ema=False)
   tree_equal(ema, trained.state["ema_params"])
   tree_equal(raw, trained.state["params"])
   with pytest.raises(AssertionError):
@@ -139,9 +134,9 @@ def test_resume_rejects_incompatible_config(trained, tmp_path):
   # Without config.json, the checkpoint's own shapes name the differing parameters.
   shutil.copytree(os.path.join(trained.workdir, "ckpt"), tmp_path / "ckpt")
   config = tiny_config(**{"model.hidden_size": 64})
-  mngr = train.checkpoint_manager(str(tmp_path), config)
+  mngr = checkpoint.manager(str(tmp_path), config)
   with pytest.raises(train.UserError, match=r"blocks_0/attn/qkv/kernel: checkpoint \(32, 96\), co"):
-    train.restore_checkpoint(mngr, abstract_state(config))
+    checkpoint.restore(mngr, abstract_state(config))
 
 
 def test_corrupt_checkpoint_falls_back(trained, tmp_path, capsys):
@@ -154,16 +149,16 @@ def test_corrupt_checkpoint_falls_back(trained, tmp_path, capsys):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   config = tiny_config(**RUN)
-  mngr = train.checkpoint_manager(str(tmp_path), config)
+  mngr = checkpoint.manager(str(tmp_path), config)
   assert mngr.all_steps() == [2, 4]
-  state, data = train.restore_checkpoint(mngr, abstract_state(config))
+  state, data = checkpoint.restore(mngr, abstract_state(config))
   assert int(state["step"]) == 2 and data["step"] == 2
   assert "checkpoint step 4" in capsys.readouterr().err
   # Nothing readable at all: a clear error rather than silently starting afresh.
   shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
-  mngr = train.checkpoint_manager(str(tmp_path), config)
+  mngr = checkpoint.manager(str(tmp_path), config)
   with pytest.raises(train.UserError, match="No checkpoint in .* is readable"):
-    train.restore_checkpoint(mngr, abstract_state(config))
+    checkpoint.restore(mngr, abstract_state(config))
 
 
 def test_nan_guard_stops_run(tmp_path, monkeypatch):
@@ -197,9 +192,9 @@ STEP = {"optim.lr": 3e-3, "optim.schedule": "constant", "model.class_dropout_pro
 def jit_update(config):
   model = dit_model.build_model(config.model)
   tx, lr = train.make_optimizer(config)
-  update = train.make_update_fn(
-    config, model, schedules.make_schedule("linear", 1000), tx, lr, None
-  )
+  apply = train.make_apply(model, config.step_remat_policy)
+  objective = objectives.make_objective(config, apply, schedules.make_schedule("linear", 1000))
+  update = train.make_update_fn(config, objective.loss, tx, lr, None)
   state = jax.jit(lambda: train.init_state(config, model, tx))()
   return update, state
 
@@ -325,7 +320,7 @@ def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(train.UserError, match="not writable"):
-    train.prepare_workdir(str(blocker))
+    checkpoint.prepare_workdir(str(blocker))
 
 
 @pytest.mark.parametrize(
@@ -369,3 +364,18 @@ def test_peak_flops_table():
   assert hardware.peak_tflops(fake("TPU v5 lite")) == 197.0
   assert hardware.peak_tflops(fake("TPU v5")) == 459.0
   assert hardware.peak_tflops(fake("cpu")) is None
+
+
+def test_size_conditioning_model_trains(tmp_path):
+  """A PixArt-alpha micro-conditioned model (what the PixArt converter produces) trains
+  through the loop: every batch carries the trained image size."""
+  config = tiny_config(**{"model.hidden_size": 48})  # Size embeddings need 3 | hidden_size.
+  with config.unlocked():
+    config.model.size_conditioning = True
+  with contextlib.redirect_stdout(io.StringIO()):
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert int(jax.device_get(state["step"])) == 4
+  assert "resolution_embedder" in state["params"]
+  rows = read_metrics(tmp_path / "run")
+  assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 0]
+  assert all(np.isfinite(r["loss"]) for r in rows)

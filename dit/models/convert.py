@@ -30,8 +30,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
+from dit import checkpoint
 from dit.models import hub_files
 from dit.models.dit import DiT, abstract_params
+from dit.optim import make_optimizer
 
 # DiT sizes whose head count cannot be read off the weights: hidden size -> heads.
 _HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -176,7 +178,7 @@ def dit_params_from_state_dict(
     num_heads=num_heads or _HEADS_BY_HIDDEN.get(d, max(d // 64, 1)),
     num_classes=table.shape[0] - 1 if table is not None else 0,
     learn_sigma=out == 2 * c,
-    adaln="zero",
+    block="adaln_zero",
   )
   # The fixed position table is recomputed by the model; only its shape is checked.
   ignored = {"pos_embed": (1, grid * grid, d)} if pos is not None else {}
@@ -246,7 +248,7 @@ def diffusers_dit_params(
     num_heads=cfg.get("num_attention_heads", 16),
     num_classes=cfg.get("num_embeds_ada_norm", 1000),
     learn_sigma=(cfg.get("out_channels") or c) == 2 * c,
-    adaln="zero",
+    block="adaln_zero",
     time_freq_shift=1.0,  # diffusers' DiT uses Timesteps(downscale_freq_shift=1).
   )
   emb = "transformer_blocks.{i}.norm1.emb"
@@ -291,19 +293,8 @@ def convert_diffusers_dit(model_dir: str) -> tuple[dict, dict]:
   return diffusers_dit_params(weights, cfg, repr(model_dir))
 
 
-def pixart_params(
-  weights: Mapping[str, np.ndarray],
-  cfg: dict,
-  source: str = "<state dict>",
-  null_caption: np.ndarray | None = None,
-) -> tuple[dict, dict]:
-  """diffusers PixArtTransformer2DModel state dict + config -> (params, model_kwargs).
-
-  diffusers stores no null caption (its pipelines encode an empty negative prompt instead).
-  Pass `null_caption` (L, caption_channels), e.g. T5 embeddings of "", to get a learned
-  `y_embedding` param that `cond["drop"]` will use; without it the model gets
-  null_caption="frozen" (a fixed random table), so pass the negative prompt as "text".
-  """
+def _pixart_kwargs(cfg: dict, source: str) -> dict:
+  """DiT kwargs of a diffusers PixArtTransformer2DModel config (checked to be supported)."""
   _check_supported(
     cfg,
     source,
@@ -335,24 +326,18 @@ def pixart_params(
     num_heads=heads,
     num_classes=0,
     learn_sigma=(cfg.get("out_channels") or c) == 2 * c,
-    adaln="single",
+    block="adaln_single",
     caption_channels=caption_channels,
     pe_interpolation=float(
       interpolation if interpolation is not None else max(sample_size // 64, 1)
     ),
     size_conditioning=bool(additional if additional is not None else sample_size == 128),
   )
-  if null_caption is not None:
-    null_caption = np.asarray(null_caption, np.float32)
-    if null_caption.ndim != 2 or null_caption.shape[1] != caption_channels:
-      raise ValueError(
-        f"null_caption must be (L, {caption_channels}), got shape {null_caption.shape}"
-      )
-    kwargs.update(caption_length=null_caption.shape[0], null_caption="learned")
-    weights = {**weights, "y_embedding": null_caption}
-  else:
-    kwargs.update(null_caption="frozen")
+  return kwargs
 
+
+def _pixart_rules(kwargs: dict, learned_null: bool) -> list[Rule]:
+  """Param path <- diffusers key rules of a PixArt model with `kwargs`."""
   emb = "adaln_single.emb"
   rules: list[Rule] = [
     (("x_embedder", "kernel"), ("pos_embed.proj.weight",), "patch"),
@@ -369,12 +354,42 @@ def pixart_params(
     for name in ("resolution", "aspect_ratio"):
       rules += _linear((f"{name}_embedder", "mlp_0"), [f"{emb}.{name}_embedder.linear_1"])
       rules += _linear((f"{name}_embedder", "mlp_2"), [f"{emb}.{name}_embedder.linear_2"])
-  if null_caption is not None:
+  if learned_null:
     rules.append((("y_embedding",), ("y_embedding",), "copy"))
   for i in range(kwargs["depth"]):
     f, t = f"blocks_{i}", f"transformer_blocks.{i}"
     rules += _block_rules(f, t, cross=True)
     rules.append(((f, "scale_shift_table"), (f"{t}.scale_shift_table",), "copy"))
+  return rules
+
+
+def pixart_params(
+  weights: Mapping[str, np.ndarray],
+  cfg: dict,
+  source: str = "<state dict>",
+  null_caption: np.ndarray | None = None,
+) -> tuple[dict, dict]:
+  """diffusers PixArtTransformer2DModel state dict + config -> (params, model_kwargs).
+
+  diffusers stores no null caption (its pipelines encode an empty negative prompt instead).
+  Pass `null_caption` (L, caption_channels), e.g. T5 embeddings of "", to get a learned
+  `y_embedding` param that `cond["drop"]` will use; without it the model gets
+  null_caption="frozen" (a fixed random table), so pass the negative prompt as "text".
+  """
+  kwargs = _pixart_kwargs(cfg, source)
+  caption_channels = kwargs["caption_channels"]
+  if null_caption is not None:
+    null_caption = np.asarray(null_caption, np.float32)
+    if null_caption.ndim != 2 or null_caption.shape[1] != caption_channels:
+      raise ValueError(
+        f"null_caption must be (L, {caption_channels}), got shape {null_caption.shape}"
+      )
+    kwargs.update(caption_length=null_caption.shape[0], null_caption="learned")
+    weights = {**weights, "y_embedding": null_caption}
+  else:
+    kwargs.update(null_caption="frozen")
+
+  rules = _pixart_rules(kwargs, learned_null=null_caption is not None)
   return _apply_rules(weights, rules, kwargs, source), kwargs
 
 
@@ -442,36 +457,11 @@ def converted_config(base, model_kwargs: dict, *, t5: str = "", vae: str = ""):
 def write_checkpoint(params: dict, config, workdir: str) -> str:
   """Writes `params` as step 0 of a dit.train run in `workdir` (Orbax ckpt/ + config.json).
 
-  The state is what dit.train.init_state builds: EMA = params, a fresh optimizer state.
-  Returns the absolute workdir.
+  The state is what dit.train starts from: EMA = params, a fresh optimizer state of
+  config.optim. Returns the absolute workdir.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from dit import train
-  from dit.cli import UserError
-
-  workdir = train.prepare_workdir(workdir)
-  ckpt_dir = os.path.join(workdir, "ckpt")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise UserError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir.")
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  tx, _ = train.make_optimizer(config)
-  state = {
-    "step": jnp.zeros((), jnp.int32),
-    "params": params,
-    "ema_params": params,
-    "opt_state": tx.init(params),
-    "rng": jax.random.split(jax.random.PRNGKey(config.seed))[1],
-    "bad_steps": jnp.zeros((), jnp.int32),
-    "skipped_steps": jnp.zeros((), jnp.int32),
-  }
-  mngr = train.checkpoint_manager(workdir, config)
-  train.save_checkpoint(mngr, state, {"step": 0}, force=True)
-  mngr.wait_until_finished()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return workdir
+  tx, _ = make_optimizer(config)
+  return checkpoint.write_params(params, config, tx, workdir)
 
 
 def _null_caption(t5: str, length: int) -> np.ndarray:

@@ -1,0 +1,43 @@
+"""Training objectives behind one interface (see `base.Objective`), chosen once from the config.
+
+  objective = objectives.make_objective(config, apply, schedule)
+  loss, metrics = objective.loss(params, batch, frozen)
+
+The update step and the train loop know nothing of which objective runs. To add one: a
+module here with `make_objective(config, apply, schedule) -> Objective`, an entry in
+OBJECTIVES, and its rule in `objective_name`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dit.diffusion import schedules
+from dit.objectives import diffusion, distillation
+from dit.objectives.base import Apply, Objective, batch_cond, per_example
+
+OBJECTIVES = {
+  "diffusion": diffusion.make_objective,
+  "consistency_distillation": distillation.make_objective,
+}
+
+__all__ = [
+  "OBJECTIVES",
+  "Objective",
+  "batch_cond",
+  "make_objective",
+  "objective_name",
+  "per_example",
+]
+
+
+def objective_name(config: ml_collections.ConfigDict) -> str:
+  """A config with a `distill` section distils (LCM); any other trains the diffusion loss."""
+  return "consistency_distillation" if "distill" in config else "diffusion"
+
+
+def make_objective(
+  config: ml_collections.ConfigDict, apply: Apply, schedule: schedules.Schedule
+) -> Objective:
+  """The objective of `config` for the model `apply(params, x_t, t, cond)`."""
+  return OBJECTIVES[objective_name(config)](config, apply, schedule)
