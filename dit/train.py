@@ -68,8 +68,6 @@ REMAT_POLICIES = (
   "checkpoint_dots_with_no_batch_dims",
 )
 
-__all__ = ["make_optimizer"]  # Re-exported: the optimizer is part of the train setup.
-
 
 # ---- Config checks and workdir -------------------------------------------------
 

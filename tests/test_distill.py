@@ -17,7 +17,7 @@ import pytest
 import test_parallel
 from conftest import ROOT, tiny_config
 
-from dit import distill, generate, train
+from dit import distill, generate, optim, train
 from dit.cli import UserError
 from dit.diffusion import consistency, samplers, schedules
 from dit.models import dit as dit_model
@@ -187,7 +187,7 @@ def test_distillation_step_decreases_its_loss_on_a_fixed_batch():
   config.unlock()
   config.optim.lr = 3e-3
   config.optim.warmup_steps = 0
-  tx, lr = train.make_optimizer(config)
+  tx, lr = optim.make_optimizer(config)
   schedule = schedules.make_schedule()
   x = jnp.zeros((1, 8, 8, 1))
   t_params = teacher.init(jax.random.key(1), x, jnp.zeros(1), {"label": jnp.zeros(1, int)})

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
-from dit import checkpoint, generate, hardware, objectives, train
+from dit import checkpoint, generate, hardware, objectives, optim, train
 from dit.data import pipeline
 from dit.diffusion import schedules
 from dit.models import dit as dit_model
@@ -191,7 +191,7 @@ STEP = {"optim.lr": 3e-3, "optim.schedule": "constant", "model.class_dropout_pro
 
 def jit_update(config):
   model = dit_model.build_model(config.model)
-  tx, lr = train.make_optimizer(config)
+  tx, lr = optim.make_optimizer(config)
   apply = train.make_apply(model, config.step_remat_policy)
   objective = objectives.make_objective(config, apply, schedules.make_schedule("linear", 1000))
   update = train.make_update_fn(config, objective.loss, tx, lr, None)
@@ -283,13 +283,13 @@ def test_optimizer_schedule():
   config = tiny_config(
     **{"total_steps": 100, "optim.warmup_steps": 10, "optim.schedule": "cosine", "optim.lr": 1e-3}
   )
-  _, lr = train.make_optimizer(config)
+  _, lr = optim.make_optimizer(config)
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(5e-4)
   assert float(lr(10)) == pytest.approx(1e-3)
   assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
   # DiT's recipe: constant lr, no warmup.
-  _, lr = train.make_optimizer(tiny_config(**{"optim.schedule": "constant", "optim.lr": 1e-4}))
+  _, lr = optim.make_optimizer(tiny_config(**{"optim.schedule": "constant", "optim.lr": 1e-4}))
   assert float(lr(0)) == float(lr(10**6)) == pytest.approx(1e-4)
 
 
