@@ -3,16 +3,21 @@
 No timing assertions: speed is measured by the scripts themselves, not by tests.
 """
 
+import datetime
 import json
+import statistics
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For `benchmarks`.
 
 from benchmarks import common, memory, sample, train, vs_pytorch  # noqa: E402
 from dit.cli import UserError  # noqa: E402
+from dit.models import dit as dit_model  # noqa: E402
+from dit.models import flops  # noqa: E402
 
 # A one-block DiT on 16x16x4 latents: compiles in seconds.
 TINY = ["--model=S/8", "--overrides=depth=1,hidden_size=64,num_heads=2,input_size=16"]
@@ -65,10 +70,26 @@ def test_train_benchmark(tmp_path):
   args = ["--batch=2", "--windows=2", "--steps_per_window=1", "--warmup=1", f"--out={out}"]
   train.main([*TINY, "--dtype=float32", *args])
   r = _read(out)
-  for key in ("steps_per_s", "images_per_s", "model_tflops_per_device", "final_loss", *META):
-    assert r[key] is not None, key
+  # Throughput from the timed windows: steps/s = 1 / the median window's seconds per step.
+  assert len(r["window_s_per_step"]) == 2 and min(r["window_s_per_step"]) > 0
+  assert r["steps_per_s"] == pytest.approx(1 / statistics.median(r["window_s_per_step"]))
   assert r["images_per_s"] == pytest.approx(2 * r["steps_per_s"])
-  assert len(r["window_s_per_step"]) == 2
+  # Model FLOPs: dit.models.flops' count (dit.info's) of one image times the batch of 2.
+  config = _config("depth=1,hidden_size=64,num_heads=2,input_size=16")
+  per_image = flops.model_info(dit_model.build_model(config.model))["gflops_train"]
+  assert r["model_gflops_per_step_per_device"] == pytest.approx(2 * per_image)
+  assert r["model_tflops_per_device"] == pytest.approx(
+    r["model_gflops_per_step_per_device"] * r["steps_per_s"] / 1e3
+  )
+  # The loss is the update step's own: the 4th step (1 warmup + 2 windows of 1 + 1) on the
+  # benchmark's fixed batch, rerun here with the same step function and start.
+  step, state, batch = train.make_step(config)
+  for _ in range(4):
+    state, metrics = step(state, batch, {})
+  assert r["final_loss"] == pytest.approx(float(metrics["loss"]), rel=1e-6)
+  assert r["backend"] == jax.default_backend() and r["device_kind"] == jax.devices()[0].device_kind
+  assert r["versions"]["jax"] == jax.__version__ and r["load_average_1min"] >= 0
+  datetime.datetime.fromisoformat(r["date"])
   assert r["mfu"] is None if r["peak_tflops_per_device"] is None else 0 < r["mfu"] < 1
   assert r["config_model"]["depth"] == 1 and r["model"] == "S/8"
   mem = r["compiled_memory_bytes"]

@@ -121,6 +121,31 @@ def test_random_flip_is_deterministic_and_mirrors():
   np.testing.assert_array_equal(next(again)["image"], next(index_iterator(flip=True))["image"])
 
 
+def flip_bits(batch):
+  """Which rows of an IndexSource batch are mirrored (columns i+0.2, i+0.1, i)."""
+  image = batch["image"]
+  return image[:, 0, 0, 0] > image[:, 0, 2, 0]
+
+
+def test_random_flips_are_drawn_afresh_for_every_batch():
+  """The flips of global batch k come from (seed, k): they change from batch to batch and,
+  for one record, from epoch to epoch, at a rate of one half."""
+  it = index_iterator(n=30, batch=6, flip=True)
+  patterns, per_record = [], {i: set() for i in range(30)}
+  for _ in range(100):  # 20 epochs.
+    batch = next(it)
+    bits = flip_bits(batch)
+    patterns.append(tuple(bits))
+    for label, bit in zip(batch["label"], bits, strict=True):
+      per_record[int(label)].add(bool(bit))
+  # 100 draws of 6 fair bits: ~50 distinct patterns expected; a step-blind draw gives 1.
+  assert len(set(patterns)) >= 30, len(set(patterns))
+  # Every record is seen both ways (chance of one never flipping in 20 epochs: 2^-19 each).
+  assert all(seen == {False, True} for seen in per_record.values()), per_record
+  bits = np.asarray(patterns)
+  assert abs(bits.mean() - 0.5) < 4 * np.sqrt(0.25 / bits.size), bits.mean()  # 4 sigma.
+
+
 @pytest.mark.parametrize("num_threads", [0, 2])
 def test_state_restores_exact_next_batch(num_threads):
   it = index_iterator(n=30, batch=6, flip=True, num_threads=num_threads)
@@ -174,6 +199,11 @@ def test_bad_arguments():
     index_iterator(process_index=2, process_count=2)
   with pytest.raises(ValueError, match="seed"):
     index_iterator(seed=-1)
+  with pytest.raises(ValueError, match=r"data seed must be in \[0, 2\*\*32\), got 4294967296"):
+    index_iterator(seed=2**32)
+  assert next(index_iterator(seed=2**32 - 1))["label"].shape == (6,)  # The last valid seed.
+  with pytest.raises(ValueError, match="process_index"):
+    index_iterator(process_index=-1, process_count=2)
   it = index_iterator(seed=0)
   with pytest.raises(ValueError, match="seed=1"):
     it.set_state({"step": 3, "seed": 1, "global_batch_size": 6, "num_records": 30})

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit.diffusion import samplers, schedules
+from dit.diffusion import editing, samplers, schedules
 
 SCHEDULE = schedules.make_schedule()
 
@@ -68,6 +68,26 @@ def test_img2img_strength():
   # Heun keeps the last 3 grid points too: 3 predictor + 2 corrector evaluations.
   plan = samplers.build_plan(SCHEDULE, sampler="heun", steps=10, start=7)
   assert plan.num_steps == 5
+
+
+def test_img2img_strength_on_its_bounds():
+  """strength in (0, 1], kept grid points int(steps * strength) >= 1: strength 1 keeps all,
+  1 / steps exactly one, anything less none (an error), 0 and above 1 are out of range."""
+  assert editing.img2img_start(4, 1.0) == 0
+  assert editing.img2img_start(4, 0.25) == 3
+  assert editing.img2img_start(4, 0.5) == 2
+  with pytest.raises(ValueError, match="keeps no step"):
+    editing.img2img_start(4, float(np.nextafter(0.25, 0.0)))
+  for strength in (0.0, float(np.nextafter(1.0, 2.0))):
+    with pytest.raises(ValueError, match="strength must be in"):
+      editing.img2img_start(4, strength)
+  # Through the sampler: the trajectory holds one entry per kept grid point.
+  for strength, kept in ((1.0, 4), (0.25, 1)):
+    _, traj = samplers.sample(
+      denoise, X_T, jax.random.key(0), SCHEDULE, sampler="ddim", steps=4, x_init=X_INIT,
+      strength=strength, return_trajectory=True,
+    )  # fmt: skip
+    assert traj.shape[0] == kept, strength
 
 
 def test_bad_editing_input():

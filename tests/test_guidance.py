@@ -62,6 +62,56 @@ def test_interval_applies_only_inside():
   np.testing.assert_allclose(out[2, :C], c[2], rtol=1e-6)
 
 
+def test_interval_bounds_are_inclusive():
+  """Guided where sigma_lo <= sigma_t <= sigma_hi: on both bounds exactly; one timestep (or
+  half of one) outside either bound gives the conditional output."""
+  schedule = schedules.make_schedule()
+  sig = np.asarray(schedule.sigmas)
+  lo, hi = float(sig[300]), float(sig[700])
+  t = jnp.array([299.0, 299.5, 300.0, 500.0, 700.0, 700.5, 701.0])
+  inside = np.array([False, False, True, True, True, False, False])
+  # sigma_at is exact at integer timesteps, so t = 300 and t = 700 sit on the bounds.
+  np.testing.assert_array_equal(np.asarray(guidance.sigma_at(schedule, t))[[2, 4]], [lo, hi])
+  x = jax.random.normal(jax.random.key(3), (len(t), C))
+  cond = {"label": jnp.ones(len(t))}
+  out = guidance.cfg_denoise(_model([]), cond, 3.0, interval=(lo, hi), schedule=schedule)(x, t)
+  c, u = x + 1.0, 0.5 * x
+  want = np.where(inside[:, None], u + 3.0 * (c - u), c)
+  np.testing.assert_allclose(out[:, :C], want, rtol=1e-6)
+  # The widest interval, [0, sigma_max], guides every timestep: the plain guided output.
+  widest = (0.0, float(sig.max()))
+  t_all = jnp.array([0.0, 999.0])
+  full = guidance.cfg_denoise(_model([]), {"label": jnp.ones(2)}, 3.0)(x[:2], t_all)
+  kw = dict(interval=widest, schedule=schedule)
+  both = guidance.cfg_denoise(_model([]), {"label": jnp.ones(2)}, 3.0, **kw)(x[:2], t_all)
+  np.testing.assert_array_equal(both, full)
+
+
+def test_interval_and_rescale_checks_on_their_bounds():
+  """check_interval: 0 <= lo < hi, and the interval must meet [sigma_min, sigma_max];
+  rescale in [0, 1]. Each bound itself is allowed, the value just past it is not."""
+  schedule = schedules.make_schedule()
+  sig = np.asarray(schedule.sigmas)
+  s_min, s_max = float(sig[0]), float(sig.max())
+  ok = [(0.0, 1.0), (0.5 * s_min, s_min), (s_max, 2 * s_max)]
+  for interval in ok:  # Touching the range at one end still guides there.
+    guidance.cfg_denoise(_model([]), None, 2.0, interval=interval, schedule=schedule)
+  bad = {
+    (1.0, 1.0): "0 <= lo < hi",
+    (-1e-6, 1.0): "0 <= lo < hi",
+    (0.5 * s_min, np.nextafter(s_min, 0.0)): "outside the schedule",
+    (np.nextafter(s_max, np.inf), 2 * s_max): "outside the schedule",
+  }
+  for interval, message in bad.items():
+    with pytest.raises(ValueError, match=message):
+      guidance.cfg_denoise(_model([]), None, 2.0, interval=interval, schedule=schedule)
+  for rescale in (0.0, 1.0):
+    guidance.cfg_denoise(_model([]), None, 2.0, rescale=rescale)
+  for rescale in (-1e-9, 1.0 + 1e-9):
+    with pytest.raises(ValueError, match="rescale must be in"):
+      guidance.cfg_denoise(_model([]), None, 2.0, rescale=rescale)
+
+
 def test_rescale():
   x = jax.random.normal(jax.random.key(2), (B, 8, C))
   t = jnp.full((B,), 10.0)

@@ -126,3 +126,18 @@ def test_bad_input():
     loss(f, learn_sigma=True)
   with pytest.raises(ValueError, match="output shape"):
     loss(lambda x, t: jnp.concatenate([x, x], -1))
+
+
+def test_discretized_likelihood_edge_bins():
+  """Pixels k / 127.5 - 1: the end values -1 and 1 take the open edge bins (-inf, -1 + 1/255]
+  and [1 - 1/255, inf) (Ho et al. 2020, eq. 13); every other value its bin of width 2/255,
+  the ones next to the ends included (the switch at |x| > 0.999 lies between them)."""
+  x = np.array([-1.0, 1 / 127.5 - 1, 0.0, 1 - 1 / 127.5, 1.0], np.float32)
+  mean, log_scale = np.float32(0.3), np.float32(np.log(0.4))
+  got = np.asarray(losses.discretized_gaussian_log_likelihood(x, mean, log_scale))
+  cdf = lambda v: stats.norm.cdf(v, 0.3, 0.4)
+  xs = x.astype(np.float64)
+  want = np.log(cdf(xs + 1 / 255) - cdf(xs - 1 / 255))
+  want[0] = np.log(cdf(-1 + 1 / 255))
+  want[-1] = np.log(1 - cdf(1 - 1 / 255))
+  np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -102,6 +102,22 @@ def test_precision_recall():
     metrics.precision_recall(real, fake[:, :3])
 
 
+def test_precision_recall_balls_are_closed():
+  """A sample exactly at distance radius from a manifold point is inside its ball
+  (Kynkaanniemi et al.: ||x - m|| <= NND_k(m)); a hair further out it is not."""
+  real = np.array([[0.0], [1.0], [2.0], [3.0]])  # k=1 radii: all 1.
+  on = np.array([[4.0], [-1.0]])  # Distance 1 from 3 and from 0.
+  assert metrics.precision_recall(real, on, k=1)[0] == 1.0
+  off = on + np.array([[1e-6], [-1e-6]])
+  assert metrics.precision_recall(real, off, k=1)[0] == 0.0
+  # k on its bounds: 1 and min(N_real, N_fake) - 1 are allowed, 0 and min(N) are not.
+  assert metrics.precision_recall(real, on, k=1) == _brute_force_pr(real, on, 1)
+  assert metrics.precision_recall(real, real, k=3) == (1.0, 1.0)
+  for k in (0, 2):
+    with pytest.raises(ValueError, match="k must be in"):
+      metrics.precision_recall(real, on, k=k)
+
+
 def test_stats_files(tmp_path):
   rng = np.random.RandomState(0)
   mu, sigma = _random_stats(rng, 6, 30)

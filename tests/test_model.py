@@ -1,5 +1,8 @@
-"""DiT model: shapes, initialisation, position table, conditioning, dtype/remat/attention
-equivalences and bad-input errors. (Parity with diffusers is in test_convert.py.)"""
+"""DiT model: its maths against tests/numpy_dit.py (a float64 NumPy reference, no torch) for
+every block type, the timestep sinusoid and position table against their closed forms, the
+adaLN-Zero gates, attention against NumPy; shapes, initialisation, conditioning,
+dtype/remat/attention equivalences and bad-input errors. (Parity with diffusers, which needs
+the torch extra, is in test_convert.py.)"""
 
 import math
 
@@ -7,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import numpy_dit
 import pytest
 
-from dit.models import attention
+from dit.models import attention, blocks, layers
 from dit.models.dit import BLOCKS, DiT, build_model, example_inputs, sincos_pos_embed_2d
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3)
@@ -106,12 +110,162 @@ def test_pos_embed_closed_form():
   np.testing.assert_allclose(scaled, ref, atol=1e-6)
 
 
+def test_timestep_embedding_closed_form():
+  """[cos(t w_i), sin(t w_i)], w_i = 10000^(-i / (h - shift)), h = dim / 2 (DiT's
+  timestep_embedding; shift 1 is diffusers' downscale_freq_shift); odd dims pad one zero."""
+  t = np.array([0.0, 1.0, 37.5, 999.0], np.float32)
+  for dim, shift in ((256, 0.0), (256, 1.0), (6, 0.0), (7, 0.0)):
+    half = dim // 2
+    w = 10000.0 ** (-np.arange(half) / (half - shift))
+    args = t.astype(np.float64)[:, None] * w[None]
+    want = np.concatenate([np.cos(args), np.sin(args), np.zeros((4, dim % 2))], axis=1)
+    got = layers.timestep_embedding(jnp.asarray(t), dim, freq_shift=shift)
+    assert got.shape == (4, dim) and got.dtype == jnp.float32
+    # float32 arguments: t * w_i is off by up to ~1e3 * 6e-8, so sin / cos by <= 6e-5.
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"dim={dim} shift={shift}")
+  # The first frequency is 1 and the last 10000^(-(h-1)/h): the period is 2 pi ... 2 pi 10^4.
+  emb = np.asarray(layers.timestep_embedding(jnp.asarray([math.pi / 2]), 256))
+  np.testing.assert_allclose(emb[0, [0, 128]], [0.0, 1.0], atol=1e-6)
+  np.testing.assert_allclose(emb[0, 127], math.cos(math.pi / 2 * 10000 ** (-127 / 128)), atol=1e-6)
+
+
+# Every block type, and the conditioning options (captions, size micro-conditioning, the LCM
+# guidance embedding, diffusers' frequency shift, PixArt's position interpolation), against the
+# NumPy reference; the "frozen" null caption has a test of its own below.
+REFERENCE_CASES = {
+  **{name: dict(SMALL, num_classes=10, block=name) for name in BLOCKS if name != "adaln_single"},
+  "adaln_single": dict(PIXART, size_conditioning=True),
+  "adaln_zero_captions_guidance": dict(
+    PIXART, num_classes=10, block="adaln_zero", guidance_embedding=True, time_freq_shift=1.0,
+    pe_interpolation=2.0,
+  ),
+}  # fmt: skip
+# float32 model vs float64 reference, outputs O(1): measured <= 6e-5 (the float32 timestep
+# arguments, see test_timestep_embedding_closed_form); a wrong operation is off by O(0.1).
+REF_ATOL = 2e-4
+
+
+def _reference_cond(fields, rng, b=2):
+  cond = {"label": np.array([1, 7]), "drop": np.array([False, True])}
+  if fields.get("caption_channels"):
+    cond["text"] = rng.standard_normal((b, 5, 16)).astype(np.float32)
+    cond["text_mask"] = np.array([[1, 1, 0, 0, 0], [1] * 5], np.int32)
+  if fields.get("size_conditioning"):
+    cond["resolution"] = np.array([[512, 512], [256, 1024]], np.float32)
+    cond["aspect_ratio"] = np.array([[1.0], [0.25]], np.float32)
+  if fields.get("guidance_embedding"):
+    cond["guidance"] = np.array([1.5, 4.0], np.float32)
+  return cond
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_model_matches_numpy_reference(case):
+  """DiT == tests/numpy_dit.py on random params (every weight non-zero), at the training size
+  and at a non-square 12x16 (positions rescaled to the 4x4 base grid, PixArt-style)."""
+  fields = REFERENCE_CASES[case]
+  model = DiT(**fields)
+  params = _random_params(model)
+  rng = np.random.default_rng(0)
+  cond = _reference_cond(fields, rng)
+  apply = jax.jit(lambda x, t, cond: model.apply({"params": params}, x, t, cond))
+  t = np.array([3.0, 999.0], np.float32)
+  for size in ((8, 8), (12, 16)):
+    x = rng.standard_normal((2, *size, 3)).astype(np.float32)
+    ref = numpy_dit.forward(jax.device_get(params), fields, x, t, cond)
+    out = np.asarray(apply(x, t, cond))
+    assert out.shape == ref.shape == (2, *size, 6)
+    np.testing.assert_allclose(out, ref, atol=REF_ATOL, rtol=0, err_msg=f"{case} at {size}")
+    assert np.abs(ref).max() > 100 * REF_ATOL  # The comparison is not of near-zero outputs.
+
+
+def test_frozen_null_caption_matches_reference():
+  """null_caption="frozen": dropped rows see the fixed table randn(key 0)(L, C) / sqrt(C)."""
+  fields = dict(PIXART, null_caption="frozen")
+  model = DiT(**fields)
+  params = _random_params(model)
+  x, t, _, text, mask = _data()
+  null = np.asarray(layers.scale_shift_init(jax.random.key(0), (5, 16)))
+  np.testing.assert_allclose(null.std(), 16**-0.5, rtol=0.3)
+  cond = {"text": text, "text_mask": mask, "drop": jnp.array([True, False])}
+  out = model.apply({"params": params}, x, t, cond)
+  ref = numpy_dit.forward(params, fields, x, t, {**cond, "null_text": null})
+  np.testing.assert_allclose(out, ref, atol=REF_ATOL, rtol=0)
+
+
 def test_other_resolutions_use_rescaled_positions():
+  """At 12x16 (grid 6x8, base 4) positions are arange(n) / (n / 4): rows step 2/3, columns 1/2."""
+  d = 48
+  table = sincos_pos_embed_2d(d, 6, 8, base_size=4)
+  np.testing.assert_allclose(table, numpy_dit.pos_embed(d, 6, 8, base=4), atol=1e-6)
+  w = 10000.0 ** (-np.arange(d // 4) / (d / 4))
+  token = 5 * 8 + 3  # Row 5, column 3.
+  np.testing.assert_allclose(table[token, : d // 4], np.sin(3 / 2 * w), atol=1e-6)
+  np.testing.assert_allclose(table[token, d // 2 : 3 * d // 4], np.sin(5 * 2 / 3 * w), atol=1e-6)
+  # And the model uses that table: its output at 12x16 is the reference's (which builds the
+  # table from the definition), not that of an unscaled 6x8 grid.
   model = DiT(**SMALL, num_classes=10)
   params = _random_params(model)
-  x = jnp.ones((1, 12, 16, 3))
-  out = model.apply({"params": params}, x, jnp.ones(1), {"label": jnp.zeros(1, jnp.int32)})
-  assert out.shape == (1, 12, 16, 6)
+  x = np.random.default_rng(1).standard_normal((1, 12, 16, 3)).astype(np.float32)
+  cond = {"label": np.array([4])}
+  out = np.asarray(model.apply({"params": params}, x, jnp.ones(1), cond))
+  fields = dict(SMALL, num_classes=10)
+  ref = numpy_dit.forward(params, fields, x, np.ones(1), cond)
+  np.testing.assert_allclose(out, ref, atol=REF_ATOL, rtol=0)
+  unscaled = numpy_dit.forward(params, dict(fields, input_size=12), x, np.ones(1), cond)
+  assert np.abs(unscaled - ref).max() > 1e-2
+
+
+def _gated_block(seed=0):
+  """An adaLN-Zero block (D 32, 2 heads) with random params, tokens x and condition c."""
+  block = blocks.AdaLNZeroBlock(hidden_size=32, num_heads=2)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
+  shapes = jax.eval_shape(block.init, jax.random.key(0), x, c)["params"]
+  params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype), shapes)
+  return block, params, x, c
+
+
+def _zero_gate(params, index, d=32):
+  """Zeroes modulation `index` of the 6 (shift, scale, gate of the attention, then the MLP)."""
+  mod = dict(params["adaLN_modulation_1"])
+  cols = slice(index * d, (index + 1) * d)
+  mod["kernel"] = mod["kernel"].at[:, cols].set(0.0)
+  mod["bias"] = mod["bias"].at[cols].set(0.0)
+  return {**params, "adaLN_modulation_1": mod}
+
+
+def _scaled(params, branch, factor=3.0):
+  return {**params, branch: jax.tree.map(lambda p: factor * p, params[branch])}
+
+
+def _block_reference(p, x, c, drop=()):
+  """numpy_dit's adaLN-Zero block; the branches named in `drop` ("attn", "mlp") left out."""
+  p, x, c = jax.device_get(p), np.asarray(x, np.float64), np.asarray(c, np.float64)
+  mod = np.split(numpy_dit.linear(p["adaLN_modulation_1"], numpy_dit.silu(c)), 6, axis=-1)
+  if "attn" not in drop:
+    xn = numpy_dit.modulate(numpy_dit.layer_norm(x), mod[0], mod[1])
+    x = x + mod[2][:, None] * numpy_dit.self_attention(p["attn"], xn, heads=2)
+  if "mlp" not in drop:
+    xn = numpy_dit.modulate(numpy_dit.layer_norm(x), mod[3], mod[4])
+    x = x + mod[5][:, None] * numpy_dit.mlp(p["mlp"], xn)
+  return x
+
+
+def test_adaln_zero_gates():
+  """A zeroed gate removes its branch: the block no longer depends on that branch's weights
+  and equals the reference without that branch; both gates zeroed, it is the identity."""
+  block, params, x, c = _gated_block()
+  run = lambda p: np.asarray(block.apply({"params": p}, x, c))
+  np.testing.assert_allclose(run(params), _block_reference(params, x, c), atol=1e-5)
+  for gate, branch, other in ((2, "attn", "mlp"), (5, "mlp", "attn")):
+    gated = _zero_gate(params, gate)
+    out = run(gated)
+    np.testing.assert_allclose(out, _block_reference(gated, x, c, drop=(branch,)), atol=1e-5)
+    np.testing.assert_allclose(out, run(_scaled(gated, branch)), atol=1e-6, err_msg=branch)
+    assert np.abs(out - run(_scaled(gated, other))).max() > 1e-2, other  # Still used.
+    assert np.abs(out - run(params)).max() > 1e-2
+  np.testing.assert_allclose(run(_zero_gate(_zero_gate(params, 2), 5)), x, atol=1e-6)
 
 
 def test_label_dropout_is_cond_drop_and_null_class():
@@ -230,6 +384,36 @@ def test_attention_implementations_agree():
     np.testing.assert_allclose(out, ref, atol=tol)
   if jax.default_backend() != "gpu":
     pytest.skip("cudnn attention needs an NVIDIA GPU (xla and einsum checked)")
+
+
+def test_attention_matches_numpy_reference():
+  """dot_product_attention (every implementation here) is softmax(q k^T / sqrt(d)) v with
+  masked keys at -inf; SelfAttention reads its fused qkv as (3, heads, head_dim), and
+  CrossAttention its kv as (2, heads, head_dim), as the reference code does."""
+  rng = np.random.default_rng(3)
+  q, k, v = (rng.standard_normal((2, n, 3, 8)).astype(np.float32) for n in (5, 7, 7))
+  mask = np.array([[1, 1, 0, 1, 0, 0, 1], [1] * 7], bool)
+  ref = numpy_dit.attention(q, k, v, mask[:, None, None])
+  for impl in ("einsum", "xla"):
+    out = attention.dot_product_attention(q, k, v, mask[:, None, None], implementation=impl)
+    np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=impl)
+  x = rng.standard_normal((2, 5, 24)).astype(np.float32)
+  y = rng.standard_normal((2, 7, 24)).astype(np.float32)
+
+  def random_init(module, *args):
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+    return jax.tree.map(lambda p: (0.3 * rng.standard_normal(p.shape)).astype(np.float32), shapes)
+
+  self_attn = attention.SelfAttention(num_heads=3)
+  p = random_init(self_attn, x)
+  np.testing.assert_allclose(
+    self_attn.apply({"params": p}, x), numpy_dit.self_attention(p, x, heads=3), atol=1e-5
+  )
+  cross = attention.CrossAttention(num_heads=3)
+  p = random_init(cross, x, y, mask)
+  np.testing.assert_allclose(
+    cross.apply({"params": p}, x, y, mask), numpy_dit.cross_attention(p, x, y, 3, mask), atol=1e-5
+  )
 
 
 def test_qk_norm_and_build_model():

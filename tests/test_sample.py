@@ -83,7 +83,7 @@ def test_convert_command_then_sample(official, tmp_path):
   assert config["vae"]["path"] == ""
   # The checkpoint restores to the original params, through the config.json fallback.
   restored_config = checkpoint.read_config(str(workdir))
-  _, restored = generate.load_params(restored_config, str(workdir))
+  model, restored = generate.load_params(restored_config, str(workdir))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, restored)
 
   out = tmp_path / "grid.png"
@@ -91,7 +91,18 @@ def test_convert_command_then_sample(official, tmp_path):
     "dit.sample", f"--workdir={workdir}", "--num=4", "--steps=3", f"--out={out}", "--labels=1,7"
   )
   assert result.returncode == 0, result.stderr
-  assert Image.open(out).size[0] >= 16
+  # The grid is the library's samples of labels 1, 7, 1, 7 (seed 0, 3 steps, EMA params):
+  # 2 x 2 images of 8 x 8 latents' first 3 channels, upscaled x20 (320 // (2 * 8)).
+  cond, per_row = generate.sample_cond(restored_config, 4, None, ["1", "7"])
+  np.testing.assert_array_equal(cond["label"], [1, 7, 1, 7])
+  key = jax.random.PRNGKey(0)
+  images = generate.generate(restored_config, model, restored, cond, key, 4, steps=3)
+  generate.save_grid(generate.decode(restored_config, images), str(tmp_path / "want.png"), per_row)
+  got, want = (np.asarray(Image.open(p)) for p in (out, tmp_path / "want.png"))
+  assert got.shape == (320, 320, 3) and per_row == 2
+  # Another process, the same programs: equal up to a rounding step of the uint8 conversion.
+  assert np.abs(got.astype(int) - want).max() <= 1
+  assert got.std() > 10  # Not a blank grid.
 
   # A second conversion into the same workdir is refused.
   again = _run("dit.models.convert", "--kind=dit", f"--source={path}", f"--workdir={workdir}")

@@ -333,6 +333,36 @@ def test_bad_settings_name_the_value_and_the_valid_ones(settings, message):
       call()
 
 
+@pytest.mark.parametrize(
+  "settings",
+  [
+    dict(steps=1),
+    dict(steps=100),  # = T.
+    dict(steps_offset=0),
+    dict(sampler="lcm", steps=1, lcm_original_steps=1),
+    dict(sampler="lcm", steps=8, lcm_original_steps=8),  # LCM_MAX_STEPS = original steps.
+    dict(sampler="lcm", steps=4, lcm_original_steps=100),  # = T.
+  ],
+)
+def test_settings_on_their_bounds_are_valid(settings):
+  """Each range of test_bad_settings... is closed: its end points themselves are allowed."""
+  schedule = schedules.make_schedule(num_timesteps=100)
+  s = samplers.SamplerSettings(**settings)
+  s.check(100)
+  assert samplers.build_plan(schedule, s).num_steps >= 1
+  with pytest.raises(ValueError, match=r"steps must be in \[1, T=100\], got 101"):
+    samplers.SamplerSettings(steps=101).check(100)
+
+
+def test_distillation_grid_on_its_bounds():
+  """ddim_timesteps(T, N): N in [1, T]; the grid (n + 1) (T // N) - 1 at both ends."""
+  np.testing.assert_array_equal(samplers.ddim_timesteps(100, 1), [99])
+  np.testing.assert_array_equal(samplers.ddim_timesteps(100, 100), np.arange(100))
+  for n in (0, 101):
+    with pytest.raises(ValueError, match=rf"num_ddim_timesteps must be in \[1, T=100\], got {n}"):
+      samplers.ddim_timesteps(100, n)
+
+
 def test_karras_error_lists_the_samplers_that_take_it():
   with_karras = [name for name, spec in samplers.SAMPLERS.items() if spec.karras]
   assert with_karras == [

@@ -196,7 +196,19 @@ def test_sample_command_with_prompts(trained, tmp_path):
   args += [f"--config.{k}={v}" for k, v in TINY.items()]
   result = _run("dit.sample", *args, "--prompt=a handwritten digit seven", "--prompt=")
   assert result.returncode == 0, result.stderr
-  assert Image.open(out).size[0] >= 16
+  # The library's samples of the prompts [seven, seven, "", ""] (one row per prompt; the
+  # empty one is the null caption), seed 0: a 2 x 2 grid of 8 x 8 digits, upscaled x20.
+  config, _ = trained
+  model, params = generate.load_params(config, workdir)
+  prompts = ["a handwritten digit seven", ""]
+  cond, per_row = generate.sample_cond(config, 4, prompts, None)
+  np.testing.assert_array_equal(cond["drop"], [False, False, True, True])
+  images = generate.generate(config, model, params, cond, jax.random.PRNGKey(0), 4)
+  generate.save_grid(images, str(tmp_path / "want.png"), nrow=per_row)
+  got, want = (np.asarray(Image.open(p)) for p in (out, tmp_path / "want.png"))
+  assert got.shape == (320, 320) and per_row == 2
+  assert np.abs(got.astype(int) - want).max() <= 1  # Another process: rounding at most.
+  assert got.std() > 10
   # Without --config: the run's config.json.
   result = _run("dit.sample", f"--workdir={workdir}", "--num=2", f"--out={out}", "--prompt=two")
   assert result.returncode == 0, result.stderr

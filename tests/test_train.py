@@ -17,13 +17,15 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
-from dit import checkpoint, generate, hardware, objectives, optim, train
+from dit import checkpoint, evaluation, generate, hardware, objectives, optim, train
 from dit.data import pipeline
 from dit.diffusion import schedules
 from dit.models import dit as dit_model
+from dit.models import flops
 
 # Evaluation every 2 steps with a small digits eval, samples every 4 steps.
 RUN = {
@@ -81,18 +83,73 @@ def test_run_writes_workdir(trained):
   assert "4/4" in trained.stderr and "<00:00" in trained.stderr
 
 
+def first_step_reference(config):
+  """(loss, grad_norm, initial params) of step 1 from the parts, without make_update_fn or
+  the loop: the initial state (train.init_state), the first batch of the data pipeline, the
+  documented per-example keys fold_in(fold_in(rng, step 0), i), the objective and jax.grad."""
+  model = dit_model.build_model(config.model)
+  tx, _ = optim.make_optimizer(config)
+  apply = train.make_apply(model)
+  objective = objectives.make_objective(config, apply, schedules.from_config(config.diffusion))
+  data = next(
+    pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+  )
+  n = config.batch_size
+  batch = {"x0": jnp.asarray(data["image"]), "label": jnp.asarray(data["label"])}
+  batch.update(generate.size_cond(config, n))
+
+  @jax.jit
+  def loss_and_norm():
+    state = train.init_state(config, model, tx)
+    step_key = jax.random.fold_in(state["rng"], 0)
+    keys = jnp.stack([jax.random.fold_in(step_key, i) for i in range(n)])
+    frozen = {"ema_params": state["ema_params"]}
+    loss_fn = lambda p: objective.loss(p, dict(batch, keys=keys), frozen)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    return loss, optax.global_norm(grads), state["params"]
+
+  loss, grad_norm, params = loss_and_norm()
+  return float(loss), float(grad_norm), params
+
+
 def test_metrics_rows(trained):
   rows = read_metrics(trained.workdir)
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
   for key in ("loss", "grad_norm", "lr", "steps_per_sec", "img_per_sec", "tflops_per_device"):
     assert all(np.isfinite(r[key]) and r[key] >= 0 for r in train_rows), key
-  assert train_rows[-1]["img_per_sec"] == pytest.approx(8 * train_rows[-1]["steps_per_sec"])
-  assert train_rows[0]["lr"] == pytest.approx(tiny_config().optim.lr)  # Constant schedule.
-  assert "mfu" not in train_rows[-1]  # No peak FLOP/s for CPUs.
+  # Step 1's loss and gradient norm are those of the objective on the first batch at init.
+  loss, grad_norm, _ = first_step_reference(tiny_config(**RUN))
+  assert train_rows[0]["loss"] == pytest.approx(loss, rel=1e-5)
+  assert train_rows[0]["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+  assert len({r["loss"] for r in train_rows}) == 4  # A new batch and new draws every step.
+  assert [r["lr"] for r in train_rows] == [pytest.approx(tiny_config().optim.lr)] * 4  # Constant.
+  # Throughput: 8 images per step; model FLOPs (dit.models.flops) per image times images/s.
+  last = train_rows[-1]
+  assert last["img_per_sec"] == pytest.approx(8 * last["steps_per_sec"])
+  model = dit_model.build_model(tiny_config(**RUN).model)
+  flops_per_image = flops.model_info(model)["gflops_train"] * 1e9
+  assert last["tflops_per_device"] == pytest.approx(flops_per_image * last["img_per_sec"] / 1e12)
+  assert "mfu" not in last  # No peak FLOP/s for CPUs.
   eval_rows = [r for r in rows if "eval/accuracy" in r]
   assert [r["step"] for r in eval_rows] == [2, 4]
-  assert all(0 <= r["eval/accuracy"] <= 1 and r["eval/digits_fd"] > 0 for r in eval_rows)
+  for r in eval_rows:
+    # 20 class-balanced samples: each class accuracy is 0, 1/2 or 1, their mean the accuracy.
+    per_class = [r[f"eval/accuracy_class_{k}"] for k in range(10)]
+    assert set(per_class) <= {0.0, 0.5, 1.0}
+    assert r["eval/accuracy"] == pytest.approx(np.mean(per_class))
+
+
+def test_logged_evaluation_is_the_evaluation_of_the_saved_params(trained):
+  """The step-4 eval row is evaluation.evaluate of the final EMA params (seed config.seed)."""
+  config = tiny_config(**RUN)
+  model = dit_model.build_model(config.model)
+  results = evaluation.evaluate(
+    config, model, trained.state["ema_params"], jax.random.PRNGKey(config.seed)
+  )
+  (row,) = [r for r in read_metrics(trained.workdir) if "eval/accuracy" in r and r["step"] == 4]
+  for key in ("accuracy", "digits_fd", *(f"accuracy_class_{k}" for k in range(10))):
+    assert row[f"eval/{key}"] == pytest.approx(results[key], rel=1e-5, abs=1e-9), key
 
 
 def test_best_checkpoint_follows_eval_metric(trained):
@@ -255,6 +312,71 @@ def test_grad_accumulation_and_ema(plain_update):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), p["ema_params"], expected)
 
 
+def recording_update(config):
+  """The jitted one-device update of `config` with the real objective, whose model appends
+  the (x_t, t) it is called with to the returned list (on the host)."""
+  model = dit_model.build_model(config.model)
+  tx, lr = optim.make_optimizer(config)
+  seen = []
+  base = train.make_apply(model)
+
+  def apply(params, x_t, t, cond):
+    jax.debug.callback(lambda x, t: seen.append((np.asarray(x), np.asarray(t))), x_t, t)
+    return base(params, x_t, t, cond)
+
+  objective = objectives.make_objective(config, apply, schedules.from_config(config.diffusion))
+  update = jax.jit(train.make_update_fn(config, objective.loss, tx, lr, None))
+  return update, jax.jit(lambda: train.init_state(config, model, tx))(), seen
+
+
+def test_every_step_draws_fresh_timesteps_and_noise():
+  """The same params and batch at step 0 and at step 1 give different timesteps and losses
+  (the per-example keys are folded with the step); the same step gives the same ones."""
+  config = tiny_config(**STEP)
+  update, state, seen = recording_update(config)
+  batch = digits_batch()
+  at = lambda step: update(dict(state, step=jnp.asarray(step, jnp.int32)), batch)[1]
+  losses = [float(at(step)["loss"]) for step in (0, 1, 0)]
+  jax.effects_barrier()
+  (x0, t0), (x1, t1), (x0_again, t0_again) = seen
+  assert np.sum(t0 != t1) >= 6, (t0, t1)  # 8 draws from U{0..999}: all but chance ties.
+  np.testing.assert_array_equal(t0, t0_again)
+  np.testing.assert_array_equal(x0, x0_again)
+  # The noise, from x_t = alpha_t x0 + sigma_t eps: a fresh draw, not the same one rescaled.
+  schedule = schedules.from_config(config.diffusion)
+  alpha, sigma = (
+    np.asarray(schedule.sqrt_alphas_cumprod),
+    np.asarray(schedule.sqrt_one_minus_alphas_cumprod),
+  )
+  clean = np.asarray(batch["image"])
+  eps = [
+    (x - alpha[t][:, None, None, None] * clean) / sigma[t][:, None, None, None]
+    for x, t in ((x0, t0), (x1, t1))
+  ]
+  correlation = np.corrcoef(eps[0].ravel(), eps[1].ravel())[0, 1]
+  assert abs(correlation) < 0.2, correlation  # 512 independent normals: |r| ~ 0.04.
+  assert losses[0] == losses[2] and abs(losses[0] - losses[1]) > 1e-3 * losses[0], losses
+
+
+def test_example_keys_fold_the_step_then_the_example_index(plain_update):
+  """batch["keys"][i] at step s is fold_in(fold_in(state rng, s), i), as documented
+  (dit/objectives/base.py, docs/design.md): what the multi-device and resume checks rely on."""
+  _, state = plain_update
+  config = tiny_config(**STEP)
+  tx, lr = optim.make_optimizer(config)
+  probe = lambda params, batch, frozen: (jnp.zeros(()), {"keys": batch["keys"]})
+  update = jax.jit(train.make_update_fn(config, probe, tx, lr, None))
+  got = {}
+  for step in (0, 1, 5):
+    _, metrics = update(dict(state, step=jnp.asarray(step, jnp.int32)), digits_batch())
+    got[step] = np.asarray(metrics["keys"])
+    step_key = jax.random.fold_in(state["rng"], step)
+    want = np.stack([np.asarray(jax.random.fold_in(step_key, i)) for i in range(8)])
+    np.testing.assert_array_equal(got[step], want, err_msg=f"step {step}")
+  assert not (got[0] == got[1]).all(axis=-1).any()  # Every example's key changes.
+  assert len({k.tobytes() for k in got[0]}) == 8  # And every example has its own.
+
+
 def test_remat_policy_wraps_forward():
   """config.step_remat_policy puts the forward under jax.checkpoint with that policy."""
   plain, state = jit_update(tiny_config(**STEP))
@@ -378,4 +500,10 @@ def test_size_conditioning_model_trains(tmp_path):
   assert "resolution_embedder" in state["params"]
   rows = read_metrics(tmp_path / "run")
   assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 0]
-  assert all(np.isfinite(r["loss"]) for r in rows)
+  # Step 1 is the objective on the first batch with resolution (8, 8) and aspect ratio 1.
+  loss, grad_norm, init = first_step_reference(config)
+  assert rows[0]["loss"] == pytest.approx(loss, rel=1e-5)
+  assert rows[0]["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+  # The size embedders get gradients once the zero-initialised final layer has moved.
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state["params"], init)
+  assert min(jax.tree.leaves(moved["resolution_embedder"])) > 0
