@@ -6,6 +6,11 @@ recipe (min-SNR weighting, lr 2e-3) was picked because the same compute at 16x16
 with uniform weighting and lr 1e-3 reached only ~40%.
 
   python -m dit.train --config=configs/digits.py --workdir=runs/digits
+
+Your own images instead (class folders, resized to 8x8 greyscale):
+
+  python -m dit.train --config=configs/digits.py --workdir=runs/mine \
+      --config.data.name=folder --config.data.path=DIR --config.model.num_classes=K
 """
 
 import ml_collections
@@ -34,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"
+  c.data.name = "digits"  # Or "folder": class folders under data.path (root/<class>/*.png).
+  c.data.path = ""  # For "folder": the root; set model.num_classes to its class count.
   c.data.resolution = 8
   c.data.channels = 1
   c.data.num_classes = 10

@@ -2,7 +2,8 @@
 
 Configs come from `--config=configs/x.py[:arg]` with `--config.key=value` overrides
 (ml_collections config_flags). A bad flag or a user error ends the program with one
-line on stderr and exit code 2, not a traceback.
+line on stderr and exit code 2, not a traceback; non-finite numbers that stop a command
+(a diverged run) end it with one line and exit code 3.
 
 Scripts that build configs themselves (experiments/, benchmarks/) use the same two
 builders: `load_config("path.py[:arg]")` and `apply_overrides(config, ["a.b=1", ...])`.
@@ -283,16 +284,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def _ignore_abandoned_orbax_reads(unraisable) -> None:
+  """sys.unraisablehook: drops the "Exception ignored in <coroutine ...>" tracebacks of the
+  array reads Orbax leaves behind when a damaged checkpoint fails to restore (the failure
+  itself is reported, once, by dit.checkpoint); everything else goes to the default hook."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "orbax" in code.co_filename:
+    logging.info("Ignored an abandoned Orbax read: %r", unraisable.exc_value)
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def run_command(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run` with one-line errors for bad flags and `UserError`s."""
+  """`absl.app.run` with one-line errors: bad flags and `UserError`s exit with 2, a
+  FloatingPointError (a run that diverged, non-finite samples) with 3."""
 
   def wrapped(argv):
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
       logging.set_verbosity(logging.WARNING)  # Keep the console for the progress bar.
+    sys.unraisablehook = _ignore_abandoned_orbax_reads
     try:
       main(argv)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except FloatingPointError as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      sys.exit(3)
 
   app.run(wrapped, flags_parser=_parse_flags)

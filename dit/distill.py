@@ -19,6 +19,7 @@ teacher). The EMA params (config.optim.ema_decay, LCM uses 0.95) are the target 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -52,9 +53,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       "Consistency distillation needs config.model.guidance_embedding=True (the student "
       "is told the guidance scale it imitates)."
     )
-  if not 0.0 < d.guidance_min <= d.guidance_max:
+  finite = math.isfinite(d.guidance_min) and math.isfinite(d.guidance_max)
+  if not (finite and 0.0 < d.guidance_min <= d.guidance_max):
     raise UserError(
-      f"config.distill.guidance_min/max must satisfy 0 < min <= max, got "
+      f"config.distill.guidance_min/max must be finite with 0 < min <= max, got "
       f"{d.guidance_min}, {d.guidance_max}."
     )
   if not 1 <= d.num_ddim_timesteps <= config.diffusion.num_timesteps:

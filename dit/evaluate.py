@@ -34,6 +34,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise UserError("--config and --workdir are required.")
   config = FLAGS.config
+  evaluation.check_eval_config(config)  # Before the (slow) checkpoint restore.
   model, params = generate.load_params(config, FLAGS.workdir, use_ema=not FLAGS.raw_params)
   result = evaluation.evaluate(config, model, params, jax.random.PRNGKey(FLAGS.seed))
   result.update(

@@ -45,7 +45,10 @@ def generate_samples(config, model, params, key, num: int, batch_size: int):
 
 
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError for an evaluation that cannot run, before any sampling (or training)."""
+  """Raises UserError for an evaluation that cannot run, before any sampling (or training):
+  bad eval settings, and sampler settings (guidance scale, eta, steps) that cannot work."""
+  generate.check_sample_config(config)
+  generate.sampler_settings(config)
   if "eval" not in config:
     raise UserError("This config has no eval section; add config.eval (see configs/digits.py).")
   e = config.eval

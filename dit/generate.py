@@ -18,6 +18,7 @@ as one batch.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 
@@ -67,11 +68,38 @@ def make_denoise(model, params, cond: dict | None, cfg_scale, batch: int) -> sam
   return guidance.cfg_denoise(model_fn, cond, cfg_scale)
 
 
+def check_scale(name: str, value) -> float:
+  """`value` as a float; a UserError naming `name` unless it is finite and >= 0."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = math.nan
+  if not math.isfinite(number) or number < 0:
+    raise UserError(f"{name} must be a finite number >= 0, got {value!r}.")
+  return number
+
+
+def check_sample_config(config: ml_collections.ConfigDict, cfg_scale=None, eta=None) -> None:
+  """Raises UserError for a guidance scale or DDIM eta (flags, else config.sample) that is
+  not finite or is negative: before any checkpoint is read or any step trained."""
+  pairs = (("cfg_scale", cfg_scale, "--cfg_scale"), ("eta", eta, "eta"))
+  for key, value, flag in pairs:
+    if value is not None:
+      check_scale(flag, value)
+    elif key in config.sample:
+      check_scale(f"config.sample.{key}", config.sample[key])
+
+
 def sampler_settings(config: ml_collections.ConfigDict, **overrides) -> samplers.SamplerSettings:
   """The sampler settings of config.sample (and config.distill), with non-None overrides.
 
-  Bad settings are a UserError naming the value and the valid ones.
+  Bad settings are a UserError naming the value and the valid ones (a non-finite or
+  negative eta too).
   """
+  eta = overrides.get("eta")
+  check_scale(
+    "eta" if eta is not None else "config.sample.eta", config.sample.eta if eta is None else eta
+  )
   steps, sampler = overrides.get("steps"), overrides.get("sampler") or config.sample.sampler
   T = config.diffusion.num_timesteps
   if steps is not None and not 1 <= steps <= T:
@@ -109,13 +137,15 @@ def generate(
   """
   if settings is None:
     settings = sampler_settings(config, **overrides)
+  if cfg_scale is None:
+    cfg_scale = check_scale("config.sample.cfg_scale", config.sample.cfg_scale)
   m = config.model
   images = _generate(
     params,
     cond,
     key,
     schedule if schedule is not None else schedules.from_config(config.diffusion),
-    float(config.sample.cfg_scale if cfg_scale is None else cfg_scale),
+    check_scale("cfg_scale", cfg_scale),
     model=model,
     shape=(num, m.input_size, m.input_size, m.in_channels),
     settings=settings,

@@ -74,7 +74,10 @@ def main(argv: list[str]) -> None:
   config = _with_model_dirs(config, FLAGS.t5, FLAGS.vae)
   if FLAGS.num < 1:
     raise UserError(f"--num must be positive, got {FLAGS.num}.")
-  generate.check_model_dirs(config)  # Before the (slow) checkpoint restore.
+  # Before the (slow) checkpoint restore: guidance, eta, steps and the model directories.
+  generate.check_sample_config(config, cfg_scale=FLAGS.cfg_scale)
+  generate.sampler_settings(config, sampler=FLAGS.sampler, steps=FLAGS.steps)
+  generate.check_model_dirs(config)
   model, params = generate.load_params(config, FLAGS.workdir, use_ema=not FLAGS.raw_params)
   cond, per_row = generate.sample_cond(config, FLAGS.num, FLAGS.prompt, FLAGS.labels)
   images = generate.generate(

@@ -24,9 +24,13 @@ Both save the same checkpoint layout (dit/checkpoint.py: unstacked, unsharded sh
 checkpoint restores onto any device count, mesh or path.
 
 Failure handling: a non-finite loss or gradient skips the update (counted); more than
-config.max_bad_steps consecutive ones stop the run. SIGTERM saves a checkpoint at the next
-step boundary and exits with 143. A checkpoint that cannot be read is skipped for the
-previous one, with a warning.
+config.max_bad_steps consecutive ones stop the run (FloatingPointError; exit 3 from the
+command, naming the last checkpoint). SIGTERM saves a checkpoint at the next step boundary
+and exits with 143. A checkpoint that cannot be read or fails verification (checksums,
+non-finite values) is skipped for the previous one with a warning, and moved aside to
+ckpt/corrupt/ so that its step is saved again (dit/checkpoint.py). Nothing is written to the
+workdir before the config, the devices and the data have been accepted; the first metrics
+row after a restart mid-window is marked "partial_window".
 """
 
 from __future__ import annotations
@@ -92,6 +96,9 @@ def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> N
     )
   if distill.enabled(config):
     distill.check_config(config)
+  generate.check_sample_config(config)  # Now, not at the first grid or evaluation.
+  if config.sample.num:
+    generate.sampler_settings(config)
   if eval_every(config):
     evaluation.check_eval_config(config)  # Now, not after the first eval.every steps.
     if config.eval.best_mode not in ("min", "max"):
@@ -120,6 +127,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   diffs = [
     f"{key}: checkpoint has {a!r}, config has {b!r}"
     for key, a, b in config_diffs(old, new, _RESUME_SECTIONS)
+    if not (a is None and b in ("", None))  # A field added to the config since, left empty.
   ]
   if diffs:
     raise UserError(
@@ -164,8 +172,10 @@ def abstract_state(config: ml_collections.ConfigDict) -> State:
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[State, dict] | None:
   """(state, data iterator state) of the newest readable checkpoint of a run (on the first
-  device, unsharded), or None if it has none: for inspecting a run from Python."""
-  return checkpoint.restore(checkpoint.manager(workdir, config), abstract_state(config))
+  device, unsharded), or None if it has none: for inspecting a run from Python (a damaged
+  step is skipped with a warning and left in place)."""
+  mngr = checkpoint.manager(workdir, config)
+  return checkpoint.restore(mngr, abstract_state(config), move_bad=False)
 
 
 # ---- The update step -----------------------------------------------------------------
@@ -400,7 +410,8 @@ class MetricWriter:
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
     for k, v in metrics.items():
-      self.tb.add_scalar(k, v, step)
+      if np.isfinite(v):  # NaN losses stay in metrics.jsonl (tensorboardX warns on each).
+        self.tb.add_scalar(k, v, step)
     self.tb.flush()
 
   def close(self) -> None:
@@ -475,25 +486,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state.
 
   The returned state is unstacked (no device axis): replicated for "pmap", sharded over the
-  mesh for "mesh".
+  mesh for "mesh". Nothing is written to `workdir` before the config, the devices and the
+  data have been accepted.
   """
   if config.distributed:
     parallel.initialize_distributed()
-  workdir = checkpoint.prepare_workdir(workdir)
+  workdir = checkpoint.check_workdir(workdir)
   check_resume_config(workdir, config)
   s = setup(config)
+  data_iter = make_data_iterator(config)
+  workdir = checkpoint.prepare_workdir(workdir)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
     _print_run_summary(config, workdir, s.mesh)
 
-  # Input pipeline: each process reads its own rows of every global batch.
-  data_iter = pipeline.make_train_iterator(
-    config.data,
-    global_batch_size=config.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
   mngr = checkpoint.manager(workdir, config)
   best_mngr = checkpoint.manager(workdir, config, best=True) if eval_every(config) else None
   restored = checkpoint.restore(mngr, s.abstract_state)
@@ -506,6 +512,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     state = s.init()
   try:
     state = _loop(s, s.place_state(state), data_iter, workdir, mngr, best_mngr)
+  except pipeline.LabelError as e:  # Found in a batch (sources that cannot list labels).
+    raise UserError(f"config.data: {str(e).rstrip('.')}.") from e
   finally:
     mngr.wait_until_finished()
     if best_mngr is not None:
@@ -515,6 +523,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     if jax.process_index() == 0:
       _write_samples(s, params, workdir, "grid.png")
   return state
+
+
+def make_data_iterator(config: ml_collections.ConfigDict) -> pipeline.TrainIterator:
+  """This process's rows of every global batch; a bad config.data (or a label outside
+  [0, config.model.num_classes)) is a UserError."""
+  try:
+    return pipeline.make_train_iterator(
+      config.data,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_classes=config.model.num_classes or None,
+    )
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"config.data: {str(e).rstrip('.')}.") from e
 
 
 def _eval_params(s: Setup, unstacked: State):
@@ -572,7 +596,11 @@ def _loop(s: Setup, state: State, data_iter, workdir: str, mngr, best_mngr) -> S
         progress.update(1)
       if step % config.log_every == 0 or step == config.total_steps:
         row = _summarise(window, time.perf_counter() - window_start, config, flops_per_image)
-        _log_row(writer, progress, step, row, config)
+        if len(window) < step - (step - 1) // config.log_every * config.log_every:
+          row["partial_window"] = True  # Begun before a restart: only the steps after it.
+        _log_row(writer, progress, step, row)
+        if row["bad_steps"] >= config.max_bad_steps:
+          raise _non_finite_stop(row, step, mngr)
         window, window_start = [], time.perf_counter()
       if _periodic_due(config, step):
         _sample_and_evaluate(s, s.host_state(state), step, workdir, writer, best_mngr, data_state)
@@ -591,17 +619,28 @@ def _loop(s: Setup, state: State, data_iter, workdir: str, mngr, best_mngr) -> S
   return s.host_state(state)
 
 
-def _log_row(writer, progress, step: int, row: dict, config) -> None:
+def _log_row(writer, progress, step: int, row: dict) -> None:
   writer.write(step, row)
   if progress is not None:
     progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-  if row["bad_steps"] >= config.max_bad_steps:
-    raise FloatingPointError(
-      f"{int(row['bad_steps'])} consecutive non-finite steps up to step {step} "
-      f"({int(row['skipped_steps'])} skipped in all; last loss={row['loss']}, "
-      f"grad_norm={row['grad_norm']}); stopping. The checkpoints hold only finite "
-      "values; try a lower config.optim.lr or config.optim.grad_clip."
-    )
+
+
+def _non_finite_stop(row: dict, step: int, mngr) -> FloatingPointError:
+  """The error that stops a run after config.max_bad_steps non-finite steps in a row."""
+  mngr.wait_until_finished()
+  last = mngr.latest_step()
+  where = (
+    f"the last checkpoint, step {last} in {mngr.directory}, holds only finite values"
+    if last is not None
+    else "no checkpoint was saved"
+  )
+  return FloatingPointError(
+    f"{int(row['bad_steps'])} consecutive non-finite steps up to step {step} "
+    f"({int(row['skipped_steps'])} skipped in all; last loss={row['loss']}, "
+    f"grad_norm={row['grad_norm']}); stopping: {where}. A resumed run repeats these steps: "
+    "if the data holds NaN/Inf, fix config.data; if training diverged, lower "
+    "config.optim.lr or set config.optim.grad_clip."
+  )
 
 
 def _periodic_due(config, step: int) -> bool:

@@ -1,21 +1,25 @@
 """Preemption and crashes: SIGTERM saves before exiting; a run SIGKILLed at random moments
 (during a save too) and restarted with the same command ends bit-identical to an
-uninterrupted run."""
+uninterrupted run. Checksums: what they detect, and that a step failing them is moved aside
+and saved again. (Damaged checkpoints through the command line: tests/test_faults.py.)"""
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
-from dit import train
+from dit import checkpoint, train
 
 RUN = {"optim.schedule": "constant"}
 
@@ -135,3 +139,71 @@ def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path, compilation_cache
   # metrics.jsonl was rewound at each restart: one row per step, as in the reference.
   rows = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))]
   assert rows(workdir) == rows(reference_dir)
+
+
+def small_state(step: int, w: float = 0.5) -> dict:
+  w = jnp.full((3, 4), w, jnp.float32)
+  return {"step": jnp.int32(step), "params": {"w": w}, "ema_params": {"w": w}, "opt_state": ()}
+
+
+def test_checksums_see_every_value():
+  state = small_state(1)
+  sums, nonfinite = checkpoint.checksums(state)
+  assert sorted(sums) == ["ema_params/w", "params/w", "step"] and nonfinite == []
+  assert checkpoint.verify(state, {"algorithm": checkpoint.CHECKSUM_ALGORITHM, "arrays": sums}) == (
+    "verified"
+  )
+  assert checkpoint.verify(state, None) == "unverified"  # Written before checksums.
+  w = state["params"]["w"]
+  one_ulp = dict(state, params={"w": w.at[2, 3].set(jnp.nextafter(w[2, 3], 1.0))})
+  swapped = dict(state, params={"w": w.at[0, 0].set(0.25).at[0, 1].set(0.75)})
+  for changed in (one_ulp, swapped):
+    assert checkpoint.checksums(changed)[0]["params/w"] != sums["params/w"]
+  nan = dict(state, ema_params={"w": w.at[1, 1].set(jnp.nan)})
+  assert checkpoint.checksums(nan)[1] == ["ema_params/w"]
+  with pytest.raises(checkpoint.CorruptCheckpoint, match="non-finite values in 1 array"):
+    checkpoint.verify(nan, None)
+  with pytest.raises(FloatingPointError, match="Refusing to save a non-finite checkpoint"):
+    checkpoint.save(None, nan, {"step": 1})
+
+
+def test_step_failing_its_checksums_is_moved_aside_and_saved_again(tmp_path, capsys):
+  """A value changed on disk (finite, readable: only the checksum sees it) is skipped for
+  the previous step, moved to ckpt/corrupt/, and the manager saves that step again."""
+  config = tiny_config()
+  mngr = checkpoint.manager(str(tmp_path), config)
+  for step in (1, 2):
+    checkpoint.save(mngr, small_state(step), {"step": step})
+  mngr.wait_until_finished()
+  record, _ = checkpoint.checksums(small_state(2))
+  shutil.rmtree(tmp_path / "ckpt" / "2")
+  json_handler = ocp.JsonCheckpointHandler()
+  handlers = {
+    "state": ocp.StandardCheckpointHandler(),
+    "data": json_handler,
+    "checksums": json_handler,
+  }
+  raw = ocp.CheckpointManager(tmp_path / "ckpt", item_handlers=handlers)
+  record = {"algorithm": checkpoint.CHECKSUM_ALGORITHM, "arrays": record}
+  rotten = ocp.args.Composite(
+    state=ocp.args.StandardSave(small_state(2, w=0.5000001)),
+    data=ocp.args.JsonSave({"step": 2}),
+    checksums=ocp.args.JsonSave(record),
+  )
+  raw.save(2, args=rotten)
+  raw.wait_until_finished()
+
+  mngr = checkpoint.manager(str(tmp_path), config)
+  abstract = jax.eval_shape(lambda: small_state(0))
+  state, data = checkpoint.restore(mngr, abstract)
+  assert int(state["step"]) == 1 and data == {"step": 1}
+  err = capsys.readouterr().err
+  assert "checkpoint step 2 in" in err and "checksum mismatch in 2 item(s)" in err
+  (moved,) = os.listdir(tmp_path / "ckpt" / "corrupt")
+  assert moved.startswith("2-") and os.listdir(tmp_path / "ckpt" / "corrupt" / moved)
+  assert mngr.all_steps() == [1]
+  checkpoint.save(mngr, small_state(2), {"step": 2})
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [1, 2]
+  state, _ = checkpoint.restore(mngr, abstract)
+  assert int(state["step"]) == 2

@@ -31,6 +31,53 @@ from dit.data.precomputed import PrecomputedSource
 Batch = dict[str, np.ndarray]
 
 
+class LabelError(ValueError):
+  """A class label outside [0, num_classes) of the model."""
+
+
+def _source_labels(source: Any) -> np.ndarray | None:
+  """Every label of `source` where it holds them in memory (None: unknown without a scan)."""
+  labels = getattr(source, "labels", None)
+  return None if labels is None else np.asarray(labels)
+
+
+def check_labels(source: Any, num_classes: int) -> None:
+  """Raises LabelError if `source` has a class or a label outside [0, num_classes).
+
+  Label num_classes is the model's null label (classifier-free guidance) and larger ones are
+  outside its label table, so both would train silently wrong. Sources that know their
+  classes (image folders, TFDS ClassLabel features) are checked by their class count, sources
+  with labels in memory (digits, folders, captions, precomputed) label by label.
+  """
+  classes = getattr(source, "num_classes", None)
+  if isinstance(classes, int | np.integer) and classes > num_classes:
+    names = list(getattr(source, "classes", None) or range(classes))
+    extra = ", ".join(f"{i} ({names[i]!r})" for i in range(num_classes, classes)[:3])
+    more = f" and {classes - num_classes - 3} more" if classes - num_classes > 3 else ""
+    raise LabelError(
+      f"{source!r} has {classes} classes but config.model.num_classes={num_classes}: class "
+      f"{extra}{more} would be outside [0, {num_classes}) (label {num_classes} is the null "
+      f"label of classifier-free guidance); set --config.model.num_classes={classes}"
+    )
+  labels = _source_labels(source)
+  if labels is not None and labels.size:
+    _check_label_values(labels, num_classes, source)
+
+
+def _check_label_values(labels: np.ndarray, num_classes: int, source: Any) -> None:
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if not bad.size:
+    return
+  i = int(bad[0])
+  paths = getattr(source, "paths", None)
+  what = f"image {paths[i]}" if paths is not None and i < len(paths) else f"record {i}"
+  raise LabelError(
+    f"label {int(labels[i])} ({what}; {bad.size} such labels) of {source!r} is outside "
+    f"[0, {num_classes}) (config.model.num_classes={num_classes}; label {num_classes} is the "
+    "null label of classifier-free guidance); fix the labels or set config.model.num_classes"
+  )
+
+
 def collate(records: Sequence[dict]) -> Batch:
   """Stacks record dicts into a batch; str values become a str array.
 
@@ -70,6 +117,8 @@ class Loader:
     text_embedder: optional captions (B,) -> (text (B, L, D), text_mask (B, L)), e.g. a
       `dit.data.text.CaptionEmbedder`; batches with a "caption" then also get "text" and
       "text_mask" (unless the source already stores them).
+    num_classes: labels must lie in [0, num_classes) (each batch is checked: a LabelError);
+      None: not checked.
   """
 
   def __init__(
@@ -81,6 +130,7 @@ class Loader:
     random_flip: bool,
     on_bad_image: str = "skip",
     text_embedder: Any = None,
+    num_classes: int | None = None,
   ):
     if on_bad_image not in ("skip", "raise"):
       raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
@@ -90,6 +140,7 @@ class Loader:
     self.random_flip = random_flip
     self.on_bad_image = on_bad_image
     self.text_embedder = text_embedder
+    self.num_classes = num_classes
     self.bad_indices = set()  # Unreadable records seen (prefetching may read ahead).
     self._lock = threading.Lock()
 
@@ -134,14 +185,16 @@ class Loader:
   def load_batch(self, indices: np.ndarray, flips: np.ndarray) -> Batch:
     """Records `indices` (B,) -> batch, row i flipped where `flips[i]`."""
     if not hasattr(self.source, "read_batch"):
-      return self._embed_captions(
-        collate([self(i, f) for i, f in zip(indices, flips, strict=True)])
-      )
-    batch = dict(self.source.read_batch(indices, flips))
-    if "image" in batch and batch["image"].shape[-1] != self.channels:
-      image = batch["image"]
-      batch["image"] = np.repeat(image.mean(-1, keepdims=True), self.channels, axis=-1)
-    return self._embed_captions(collate_arrays(batch))
+      batch = collate([self(i, f) for i, f in zip(indices, flips, strict=True)])
+    else:
+      batch = dict(self.source.read_batch(indices, flips))
+      if "image" in batch and batch["image"].shape[-1] != self.channels:
+        image = batch["image"]
+        batch["image"] = np.repeat(image.mean(-1, keepdims=True), self.channels, axis=-1)
+      batch = collate_arrays(batch)
+    if self.num_classes is not None and "label" in batch:
+      _check_label_values(batch["label"], self.num_classes, self.source)
+    return self._embed_captions(batch)
 
   def _embed_captions(self, batch: Batch) -> Batch:
     if self.text_embedder is not None and "caption" in batch and "text" not in batch:
@@ -292,6 +345,7 @@ def make_train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  num_classes: int | None = None,
 ) -> TrainIterator:
   """Builds the infinite training iterator for `data_config` on this process.
 
@@ -301,6 +355,9 @@ def make_train_iterator(
     global_batch_size: rows per step summed over processes.
     seed: data order and augmentation seed, in [0, 2**32).
     process_index, process_count: this host's slot, e.g. `jax.process_index()`.
+    num_classes: the model's number of classes: a class or label of the source outside
+      [0, num_classes) is a LabelError, now where the source knows its labels, else when the
+      batch is read. None (unconditional and text models): labels are not checked.
 
   Returns:
     TrainIterator yielding {"image": (B_local, R, R, C) float32 in [-1, 1] (or
@@ -311,6 +368,8 @@ def make_train_iterator(
   name = get("name", "digits")
   is_digits = name == "digits"
   source = make_source(data_config)
+  if num_classes is not None:
+    check_labels(source, num_classes)
   loader = Loader(
     source,
     resolution=get("resolution", 16 if is_digits else 256),
@@ -318,6 +377,7 @@ def make_train_iterator(
     random_flip=get("random_flip", not is_digits),
     on_bad_image=get("on_bad_image", "skip"),
     text_embedder=_text_embedder(data_config, source),
+    num_classes=num_classes,
   )
   in_memory = is_digits or name == "precomputed"
   return TrainIterator(

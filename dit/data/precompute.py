@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dit.data.pipeline import Loader, make_source
@@ -190,7 +190,10 @@ def main(argv: list[str]) -> None:
   print(json.dumps(meta))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The command: flags, then `main` with one-line errors (dit.cli.run_command)."""
+  from dit.cli import run_command
+
   config_flags.DEFINE_config_file("config", None, "Config file; its `data` section is encoded.")
   flags.DEFINE_string("out", None, "Output directory for shards and meta.json.")
   flags.DEFINE_string("vae", None, "diffusers AutoencoderKL directory, or 'identity' (pixels).")
@@ -203,4 +206,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("process_index", 0, "This process (shards s = index mod count).")
   flags.DEFINE_integer("process_count", 1, "Number of precompute processes.")
   flags.mark_flags_as_required(["config", "out", "vae"])
-  app.run(main)
+  run_command(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -65,6 +65,13 @@ class PrecomputedSource:
         f"{self.num_records}"
       )
 
+  @property
+  def labels(self) -> np.ndarray | None:
+    """Every record's label (num_records,), None if the dataset stores none."""
+    if "label" not in self.arrays:
+      return None
+    return np.concatenate([np.asarray(a) for a in self.arrays["label"]])
+
   def __len__(self) -> int:
     return self.num_records
 
