@@ -286,6 +286,7 @@ def test_lcm_sampling_of_the_student(runs, tmp_path):
   assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # The frozen inputs use the state's sharding rules (test_parallel).
 def test_mesh_with_sharded_teacher_matches_one_device(runs, tmp_path, compilation_cache):
   """The student on a 2-device FSDP mesh (teacher params sharded by the same rules) ends
   where the one-device pmap run did, up to float summation order."""

@@ -205,6 +205,7 @@ def test_two_point_sweep_end_to_end(tmp_path):
   assert again["runs"] == results["runs"]
 
 
+@pytest.mark.slow  # The sweep path is covered by test_two_point_sweep_end_to_end.
 def test_two_arm_ablation_end_to_end(tmp_path):
   arms = {
     "conditioning": [{"model.block": "adaln_zero"}, {"model.block": "in_context"}],
