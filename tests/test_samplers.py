@@ -1,10 +1,10 @@
-"""Samplers: parity with diffusers' schedulers step by step, analytic convergence, errors,
-the registry and the settings."""
+"""Samplers: analytic convergence, structure (one trace, no PRNG op when deterministic),
+errors, custom grids, the registry and the settings. Step-by-step parity with diffusers'
+schedulers is in test_samplers_diffusers.py."""
 
 import ast
 import dataclasses
 import functools
-import importlib
 import inspect
 import re
 import subprocess
@@ -18,177 +18,6 @@ import pytest
 from conftest import ROOT
 
 from dit.diffusion import samplers, schedules
-
-SHAPE = (2, 4, 4, 3)  # NHWC; diffusers sees (2, 3, 4, 4)
-COEF = np.array([0.7, -0.4, 1.1], np.float32)  # per-channel, so layouts must line up
-
-
-def _dummy_np(xp, x, t, channel_axis):
-  """A deterministic nonlinear 'model' written for both jnp and torch."""
-  shape = [1] * x.ndim
-  shape[channel_axis] = -1
-  c = xp.asarray(COEF).reshape(shape) if xp is jnp else xp.from_numpy(COEF).reshape(shape)
-  return xp.tanh(c * x + 0.5 * xp.sin(t / 137.0)) + 0.05 * x
-
-
-def jax_model(learn_sigma=False):
-  def denoise(x, t):
-    tt = t.reshape((-1,) + (1,) * (x.ndim - 1))
-    out = _dummy_np(jnp, x, tt, -1)
-    if learn_sigma:
-      out = jnp.concatenate([out, jnp.tanh(0.3 * x + tt / 1000.0)], axis=-1)
-    return out
-
-  return denoise
-
-
-def torch_model(torch, learn_sigma=False):
-  def model(x, t):
-    t = torch.as_tensor(t, dtype=torch.float32)
-    out = _dummy_np(torch, x, t, 1)
-    if learn_sigma:
-      out = torch.cat([out, torch.tanh(0.3 * x + t / 1000.0)], dim=1)
-    return out
-
-  return model
-
-
-def run_diffusers(torch, monkeypatch, module, sched, x0, noises, learn_sigma=False, **step_kw):
-  """Runs a diffusers scheduler loop, feeding noises[i] to whatever it draws at step i."""
-  state = {"i": 0}
-  monkeypatch.setattr(
-    module, "randn_tensor", lambda *a, **k: noises[state["i"]].clone(), raising=False
-  )
-  model = torch_model(torch, learn_sigma)
-  x, traj = x0, []
-  for i, t in enumerate(sched.timesteps):
-    state["i"] = i
-    out = model(sched.scale_model_input(x, t), t)
-    x = sched.step(out, t, x, **step_kw).prev_sample
-    traj.append(x.numpy())
-  return np.stack(traj)
-
-
-CASES = {
-  # name: (diffusers class, diffusers kwargs, our kwargs)
-  "ddpm": ("DDPMScheduler", {"timestep_spacing": "leading"}, {"timestep_spacing": "leading"}),
-  "ddpm_large": (
-    "DDPMScheduler",
-    {"timestep_spacing": "leading", "variance_type": "fixed_large"},
-    {"sampler": "ddpm", "timestep_spacing": "leading", "variance": "fixed_large"},
-  ),
-  "ddpm_learned": (
-    "DDPMScheduler",
-    {"timestep_spacing": "leading", "variance_type": "learned_range"},
-    {"sampler": "ddpm", "timestep_spacing": "leading", "learn_sigma": True},
-  ),
-  "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}, {}),
-  "ddim_eta": (
-    "DDIMScheduler",
-    {"timestep_spacing": "leading"},
-    {"sampler": "ddim", "timestep_spacing": "leading", "eta": 1.0},
-  ),
-  "ddim_v": (
-    "DDIMScheduler",
-    {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
-    {"sampler": "ddim", "prediction": "v"},
-  ),
-  "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
-  "euler_karras": (
-    "EulerDiscreteScheduler",
-    {"timestep_spacing": "trailing", "use_karras_sigmas": True},
-    {"sampler": "euler", "karras": True},
-  ),
-  "euler_ancestral": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
-  "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
-  "heun_karras_v": (
-    "HeunDiscreteScheduler",
-    {"timestep_spacing": "trailing", "use_karras_sigmas": True, "prediction_type": "v_prediction"},
-    {"sampler": "heun", "karras": True, "prediction": "v"},
-  ),
-  "dpmpp_2m": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}, {}),
-  "dpmpp_2m_karras": (
-    "DPMSolverMultistepScheduler",
-    {"timestep_spacing": "trailing", "use_karras_sigmas": True},
-    {"sampler": "dpmpp_2m", "karras": True},
-  ),
-  "dpmpp_2m_v": (
-    "DPMSolverMultistepScheduler",
-    {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
-    {"sampler": "dpmpp_2m", "prediction": "v"},
-  ),
-  "dpmpp_2m_sde": (
-    "DPMSolverMultistepScheduler",
-    {"timestep_spacing": "trailing", "algorithm_type": "sde-dpmsolver++"},
-    {},
-  ),
-  "dpmpp_3m": (
-    "DPMSolverMultistepScheduler",
-    {"timestep_spacing": "trailing", "solver_order": 3},
-    {},
-  ),
-  "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}, {}),
-  "unipc_karras": (
-    "UniPCMultistepScheduler",
-    {"timestep_spacing": "trailing", "use_karras_sigmas": True},
-    {"sampler": "unipc", "karras": True},
-  ),
-  "lcm": ("LCMScheduler", {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}, {}),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_parity_with_diffusers(name, monkeypatch):
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
-
-  cls_name, ref_kwargs, our_kwargs = CASES[name]
-  our_kwargs = {"sampler": name, **our_kwargs}
-  model_kwargs = {k: our_kwargs.pop(k) for k in ("prediction", "learn_sigma") if k in our_kwargs}
-  settings = samplers.SamplerSettings(**our_kwargs, steps=4 if name == "lcm" else 10)
-  ref_cls = getattr(diffusers, cls_name)
-  extra = {}
-  if "clip_sample" in inspect.signature(ref_cls.__init__).parameters:
-    extra["clip_sample"] = False
-  sched = ref_cls(num_train_timesteps=1000, **extra, **ref_kwargs)
-  module = importlib.import_module(ref_cls.__module__)
-  # Same betas; both sides then use our float64-accumulated alphas_cumprod (rounded to fp32).
-  schedule = schedules.schedule_from_betas(sched.betas.double().numpy())
-  sched.alphas_cumprod = torch.from_numpy(np.asarray(schedule.alphas_cumprod))
-  sched.set_timesteps(settings.steps)
-
-  learn_sigma = model_kwargs.get("learn_sigma", False)
-  plan = samplers.build_plan(schedule, settings)
-  n = plan.num_steps
-  assert n == len(sched.timesteps)
-  np.testing.assert_allclose(np.asarray(plan.infos["t"]), sched.timesteps.numpy(), atol=1e-4)
-
-  rng = np.random.default_rng(0)
-  x_T = rng.standard_normal(SHAPE).astype(np.float32)
-  noises = rng.standard_normal((n, *SHAPE)).astype(np.float32)
-  to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
-  x0_ref = to_torch(x_T * float(plan.noise_scale))
-  step_kw = {"eta": our_kwargs["eta"]} if "eta" in our_kwargs else {}
-  ref = run_diffusers(
-    torch, monkeypatch, module, sched, x0_ref, [to_torch(z) for z in noises], learn_sigma, **step_kw
-  )
-  ref = np.moveaxis(ref, 2, -1)  # (n, B, H, W, C)
-
-  sample = jax.jit(
-    functools.partial(
-      samplers.sample,
-      jax_model(learn_sigma),
-      settings=settings,
-      return_trajectory=True,
-      **model_kwargs,
-    )
-  )
-  x, traj = sample(jnp.asarray(x_T), jax.random.key(0), schedule, noise=jnp.asarray(noises))
-  assert traj.shape == ref.shape
-  scale = np.maximum(1.0, np.abs(ref).max(axis=(1, 2, 3, 4), keepdims=True))
-  np.testing.assert_allclose(np.asarray(traj) / scale, ref / scale, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(np.asarray(x) / scale[-1], ref[-1] / scale[-1], atol=1e-5, rtol=0)
-
 
 # ----------------------------------------------------------------------------- analytic case
 
@@ -265,6 +94,196 @@ def test_python_loop_of_steps_matches_scan():
     carry = step(carry, jax.tree.map(lambda a, i=i: a[i], plan.infos))
   ref = samplers.sample(den, x_T, jax.random.key(0), schedule, sampler="dpmpp_2m", steps=6)
   np.testing.assert_allclose(carry["x"], ref, atol=1e-6)
+
+
+RANDOM_PRIMITIVES = ("random_bits", "random_split", "random_fold_in", "threefry2x32")
+
+
+def _random_ops(fn, *args) -> set[str]:
+  """The PRNG primitives anywhere in fn's jaxpr (the scan body included)."""
+  text = str(jax.make_jaxpr(fn)(*args))
+  return {name for name in RANDOM_PRIMITIVES if name in text}
+
+
+@pytest.mark.parametrize(
+  "sampler,eta", [(name, 0.0) for name in samplers.SAMPLERS] + [("ddim", 1.0)]
+)
+def test_deterministic_samplers_trace_no_random_draw(sampler, eta):
+  # A draw per scan step costs compile time and memory even when the step ignores it.
+  schedule = schedules.make_schedule(num_timesteps=100)
+  x_T = jnp.zeros((2, 3))
+  run = lambda x, key: samplers.sample(
+    gaussian_denoiser(schedule), x, key, schedule, sampler=sampler, steps=4, eta=eta
+  )
+  ops = _random_ops(run, x_T, jax.random.key(0))
+  if samplers.SAMPLERS[sampler].deterministic and eta == 0:
+    assert not ops
+  else:
+    assert "random_bits" in ops  # the check sees a draw where there is one
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_deterministic_samplers_still_draw_for_inpainting(sampler):
+  """The paste (and RePaint's re-noising) of a deterministic sampler keep their fresh noise."""
+  schedule = schedules.make_schedule(num_timesteps=100)
+  x_T = jax.random.normal(jax.random.key(1), (4, 6))
+  x_init = jnp.full(x_T.shape, 0.5)
+  mask = jnp.asarray(np.arange(6) < 3, jnp.float32)[None]
+  kw = dict(
+    sampler=sampler, steps=5, x_init=x_init, mask=mask, resample=2 if sampler == "ddim" else 1
+  )
+  run = jax.jit(
+    lambda key: samplers.sample(
+      gaussian_denoiser(schedule), x_T, key, schedule, return_trajectory=True, **kw
+    )
+  )
+  assert "random_bits" in _random_ops(run, jax.random.key(0))
+  (a, traj_a), (b, traj_b) = run(jax.random.key(2)), run(jax.random.key(3))
+  # The known half is x_init noised with fresh noise after every step but the last.
+  assert not np.allclose(traj_a[:-1, :, :3], traj_b[:-1, :, :3])
+  np.testing.assert_allclose(a[:, :3], 0.5, atol=1e-6)
+  if kw["resample"] > 1:  # RePaint's re-noising reaches the unknown half too
+    assert not np.allclose(a[:, 3:], b[:, 3:])
+
+
+# ----------------------------------------------------------------------------- custom grids
+
+
+def test_ddim_steps_to_t_minus_T_over_steps_and_set_alpha_to_one():
+  """diffusers' DDIM (ddim_step="diffusers") goes from t to t - T // n (not always the next
+  grid point), and where that is < 0 to final_alpha_cumprod: 1, or alphas_cumprod[0] with
+  set_alpha_to_one=False (Stable Diffusion). dit's default steps to the next grid point."""
+  schedule = schedules.make_schedule()
+  ab = np.asarray(schedule.alphas_cumprod)
+  kw = dict(sampler="ddim", steps=7)  # trailing: 999, 856, ...
+  plan = samplers.build_plan(schedule, **kw, ddim_step="diffusers")
+  ts = np.asarray(plan.infos["t"]).astype(int)
+  np.testing.assert_array_equal(ts, [999, 856, 713, 570, 428, 285, 142])
+  # 1000 // 7 = 142: 999 -> 857, ..., and the last step 142 -> 0 (alphas_cumprod[0], not 1).
+  np.testing.assert_array_equal(plan.infos["ab_next"], ab[ts - 142])
+  grid = samplers.build_plan(schedule, **kw)
+  np.testing.assert_array_equal(grid.infos["ab_next"][:-1], ab[ts[1:]])
+  assert float(grid.infos["ab_next"][-1]) == 1.0
+  # On a leading grid (diffusers' default) the two rules are the same plan.
+  lead = dict(sampler="ddim", steps=7, timestep_spacing="leading")
+  np.testing.assert_array_equal(
+    samplers.build_plan(schedule, **lead, ddim_step="diffusers").infos["ab_next"],
+    samplers.build_plan(schedule, **lead).infos["ab_next"],
+  )
+  plan = samplers.build_plan(schedule, sampler="ddim", steps=10)  # 999, ..., 99 -> -1
+  assert float(plan.infos["ab_next"][-1]) == 1.0
+  sd = samplers.build_plan(schedule, sampler="ddim", steps=10, set_alpha_to_one=False)
+  assert float(sd.infos["ab_next"][-1]) == ab[0]
+  np.testing.assert_array_equal(sd.infos["ab_next"][:-1], plan.infos["ab_next"][:-1])
+  np.testing.assert_array_equal(sd.infos["ab_next"][:-1], ab[np.arange(899, 0, -100)])
+  # Other samplers always end at x0 (alphas_cumprod 1, sigma 0).
+  for name in ("ddpm", "lcm", "euler", "dpmpp_2m"):
+    other = samplers.build_plan(schedule, sampler=name, steps=4, set_alpha_to_one=False)
+    assert float(other.infos["s_next"][-1]) == 0.0
+
+
+@pytest.mark.parametrize(
+  "sampler,spacing",
+  [("ddpm", "linspace"), ("ddim", "trailing"), ("euler", "linspace"), ("heun", "leading")]
+  + [("dpmpp_2m", "linspace"), ("unipc", "leading"), ("lcm", "trailing")],
+)
+def test_custom_timesteps_equal_to_the_grid_give_the_same_plan(sampler, spacing):
+  schedule = schedules.make_schedule()
+  s = samplers.SamplerSettings(sampler=sampler, steps=5, timestep_spacing=spacing)
+  ts = samplers.sampler_timesteps(schedule.T, s)
+  # An array, stored as a tuple; the spacing still sets a k-sigma sampler's first noise scale.
+  custom = samplers.SamplerSettings(sampler=sampler, timesteps=ts, timestep_spacing=spacing)
+  assert custom.steps == 5 and isinstance(custom.timesteps, tuple)
+  ref, got = samplers.build_plan(schedule, s), samplers.build_plan(schedule, custom)
+  assert ref.infos.keys() == got.infos.keys()
+  for key in ref.infos:
+    np.testing.assert_array_equal(got.infos[key], ref.infos[key], err_msg=key)
+  np.testing.assert_array_equal(got.noise_scale, ref.noise_scale)
+
+
+def test_custom_fractional_timesteps_and_sigmas_interpolate_the_table():
+  schedule = schedules.make_schedule()
+  ab = np.asarray(schedule.alphas_cumprod)
+  k = np.sqrt((1 - ab) / ab).astype(np.float64)  # in float32 from alphas_cumprod, as diffusers
+  plan = samplers.build_plan(schedule, sampler="euler", timesteps=(500.25, 10.0))
+  # Linear in sigma between the neighbouring integer timesteps, as diffusers' np.interp.
+  np.testing.assert_allclose(plan.infos["k"], [0.75 * k[500] + 0.25 * k[501], k[10]], rtol=1e-6)
+  np.testing.assert_array_equal(plan.infos["t"], [500.25, 10.0])
+  sigmas = (float(k[900]), float(k[400]), float(k[30]), 0.0)
+  plan = samplers.build_plan(schedule, sampler="euler", sigmas=sigmas)
+  assert plan.num_steps == 3
+  np.testing.assert_allclose(plan.infos["k"], sigmas[:-1], rtol=1e-6)
+  np.testing.assert_allclose(plan.infos["k_next"], sigmas[1:], rtol=1e-6)
+  np.testing.assert_allclose(plan.infos["t"], [900, 400, 30], atol=1e-2)  # sigma -> t inverts
+
+
+T_SMALL = 100
+
+
+@pytest.mark.parametrize(
+  "settings,message",
+  [
+    # The first bad value and its index, whatever comes after it.
+    (dict(timesteps=(99, 50, 50, 10)), "timesteps[2] = 50 is not below timesteps[1] = 50"),
+    (dict(timesteps=(99, 60, 70, 100)), "timesteps[2] = 70 is not below timesteps[1] = 60"),
+    (dict(timesteps=(100, 50)), "timesteps[0] = 100 is outside [0, T=100)"),
+    (dict(timesteps=(99, 50, -1)), "timesteps[2] = -1 is outside [0, T=100)"),
+    (dict(timesteps=(99, float("nan"))), "timesteps[1] = nan is outside [0, T=100)"),
+    (dict(timesteps=(99, 50.5, 60)), "timesteps[1] = 50.5 is not an integer, which sampler 'ddim'"),
+    (dict(sampler="euler", timesteps=(99.5, 99.5)), "timesteps[1] = 99.5 is not below"),
+    (dict(sampler="euler", timesteps=(100.0,)), "timesteps[0] = 100.0 is outside [0, T=100)"),
+    (dict(timesteps=()), "custom timesteps must hold at least one timestep"),
+    (dict(sampler="euler", sigmas=(5.0, 5.0, 0.0)), "sigmas[1] = 5.0 is not below sigmas[0]"),
+    (dict(sampler="euler", sigmas=(5.0, 1.0, -0.1)), "sigmas[2] = -0.1 must be finite and > 0"),
+    (dict(sampler="euler", sigmas=(5.0, 0.0, 0.0)), "sigmas[1] = 0.0 must be finite and > 0"),
+    (dict(sampler="euler", sigmas=(5.0,)), "custom sigmas need n + 1 >= 2 values"),
+    (dict(sampler="ddim", sigmas=(5.0, 0.0)), "not supported by sampler 'ddim'; samplers with "),
+    (dict(sampler="euler", timesteps=(9,), sigmas=(1.0, 0.0)), "timesteps or sigmas, not both"),
+    (dict(sampler="euler", timesteps=(9,), karras=True), "they take karras=False"),
+  ],
+)
+def test_bad_custom_grids_name_the_first_bad_value(settings, message):
+  schedule = schedules.make_schedule(num_timesteps=T_SMALL)
+  s = samplers.SamplerSettings(**settings)
+  den = gaussian_denoiser(schedule)
+  for call in (
+    lambda: s.check(T_SMALL),
+    lambda: samplers.build_plan(schedule, s),
+    lambda: samplers.sample(den, jnp.zeros((1, 2)), KEY, schedule, s),
+  ):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      call()
+
+
+@pytest.mark.parametrize(
+  "settings",
+  [
+    dict(timesteps=(99, 0)),  # both ends of [0, T)
+    dict(timesteps=(99.0, 98.0)),  # integral floats for an integer sampler
+    dict(sampler="euler", timesteps=(99.999, 0.0)),
+    dict(sampler="euler", sigmas=(5.0, 1e-6, 0.0)),  # the final sigma may be 0
+    dict(sampler="euler", sigmas=(5.0, 1.0)),  # or not
+    dict(sampler="dpmpp_2m", timesteps=(99,)),
+  ],
+)
+def test_custom_grids_on_their_bounds_are_valid(settings):
+  schedule = schedules.make_schedule(num_timesteps=T_SMALL)
+  s = samplers.SamplerSettings(**settings)
+  s.check(T_SMALL)
+  x = samplers.sample(gaussian_denoiser(schedule), jnp.ones((2, 1)), KEY, schedule, s)
+  assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_custom_grids_are_hashable_tuples_that_set_steps():
+  s = samplers.SamplerSettings(sampler="euler", steps=50, timesteps=[999, 500.5, 0])
+  assert s.timesteps == (999, 500.5, 0) and s.steps == 3
+  assert hash(s) == hash(samplers.SamplerSettings(sampler="euler", timesteps=(999, 500.5, 0)))
+  s = samplers.SamplerSettings(sampler="euler", sigmas=np.array([10.0, 1.0, 0.0], np.float32))
+  assert s.sigmas == (10.0, 1.0, 0.0) and s.steps == 2 and hash(s)
+  with pytest.raises(
+    ValueError, match=r"custom timesteps must be a 1-D sequence, got shape \(1, 2\)"
+  ):
+    samplers.SamplerSettings(timesteps=[[1, 2]])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -411,6 +430,12 @@ def test_settings_from_config_reads_sample_and_distill_and_applies_overrides():
   s = samplers.SamplerSettings.from_config(student, sampler="ddpm", variance="fixed_large")
   assert (s.sampler, s.steps, s.variance, s.lcm_original_steps) == ("ddpm", 4, "fixed_large", 25)
 
+  custom = _config(sampler="euler", timesteps=[999, 500.5, 0.0], set_alpha_to_one=False)
+  s = samplers.SamplerSettings.from_config(custom)
+  assert (s.timesteps, s.steps, s.set_alpha_to_one) == ((999, 500.5, 0.0), 3, False)
+  with pytest.raises(ValueError, match=re.escape("custom timesteps[1] = 1000 is outside")):
+    samplers.SamplerSettings.from_config(_config(sampler="ddim", timesteps=[999, 1000]))
+
 
 def test_settings_from_config_defaults_to_the_samplers_spacing(monkeypatch):
   ddpm = dataclasses.replace(samplers.SAMPLERS["ddpm"], spacing="leading")
@@ -459,10 +484,14 @@ def test_settings_are_hashable_static_jit_arguments():
 def test_every_registered_sampler_builds_a_plan_and_samples(name):
   spec = samplers.SAMPLERS[name]
   assert spec.description and "\n" not in spec.description
-  assert f"{name}: {spec.description}" in samplers.describe().splitlines()
+  # --help states each sampler's default spacing and the diffusers scheduler it matches.
+  (line,) = [ln for ln in samplers.describe().splitlines() if ln.startswith(f"{name}: ")]
+  assert line.startswith(f"{name}: {spec.description} [") and spec.diffusers in line
+  assert (f"spacing {spec.spacing}" in line) == spec.spaced
   schedule = schedules.make_schedule()
   settings = samplers.SamplerSettings(sampler=name, steps=4)
   plan = samplers.build_plan(schedule, settings)
+  assert plan.needs_noise == (not spec.deterministic)
   assert plan.space in ("vp", "ve") and plan.num_steps >= settings.steps
   assert all(v.shape[0] == plan.num_steps for v in plan.infos.values())
   assert samplers.build_plan(schedule, settings, start=1).num_steps < plan.num_steps

@@ -1,6 +1,7 @@
 """Schedules: closed forms, diffusers parity of betas and timesteps, exact conversions."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -68,16 +69,111 @@ def test_zero_terminal_snr():
   del diffusers
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
-def test_spacings_match_diffusers_ddim(spacing, steps):
+# Each diffusers scheduler's own timestep formula and the keywords that select it here.
+TIMESTEP_RULES = {
+  "DDPMScheduler": {},
+  "DDIMScheduler": {},
+  "EulerDiscreteScheduler": {"fractional": True},
+  "EulerAncestralDiscreteScheduler": {"fractional": True},
+  "HeunDiscreteScheduler": {"fractional": True},
+  "DPMSolverMultistepScheduler": {"multistep": True},
+  "UniPCMultistepScheduler": {"multistep": True},
+}
+
+
+@pytest.mark.parametrize("cls_name", list(TIMESTEP_RULES))
+def test_spacings_match_each_diffusers_scheduler(cls_name):
+  """Every spacing, steps_offset 0 and 1, steps from 1 to T: the same values and dtype
+  (diffusers' timesteps, before Heun repeats them), or a ValueError where diffusers' own
+  grid is broken (t = T, repeated or -1 timesteps)."""
   pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  d = diffusers.DDIMScheduler(timestep_spacing=spacing)
-  d.set_timesteps(steps)
+  rule = TIMESTEP_RULES[cls_name]
+  dtype = np.float32 if rule.get("fractional") else np.int64
+  compared = 0
+  for spacing in ("leading", "trailing", "linspace"):
+    for offset in (0, 1):
+      d = getattr(diffusers, cls_name)(timestep_spacing=spacing, steps_offset=offset)
+      for steps in (1, 2, 3, 7, 10, 50, 333, 998, 999, 1000):
+        d.set_timesteps(steps)
+        ref = d.timesteps.numpy()
+        ref = np.concatenate([ref[:1], ref[1::2]]) if cls_name == "HeunDiscreteScheduler" else ref
+        if len(ref) == steps + 1:
+          # diffusers' float arange overshoots to n + 1 trailing points, the last -1.
+          assert spacing == "trailing" and ref[-1] == -1
+          ref = ref[:steps]
+        if ref.max() >= 1000 or len(np.unique(ref)) != steps:
+          with pytest.raises(ValueError, match="outside|repeats"):
+            schedules.spaced_timesteps(1000, steps, spacing, offset, **rule)
+          continue
+        ours = schedules.spaced_timesteps(1000, steps, spacing, offset, **rule)
+        assert ours.dtype == dtype
+        np.testing.assert_array_equal(ours, ref, err_msg=f"{spacing} {offset} {steps}")
+        compared += 1
+  assert compared >= 50
+
+
+def test_multistep_and_fractional_rules_closed_form():
+  """DPM-Solver/UniPC space n + 1 points (leading: T // (n + 1) apart) and drop the lowest;
+  Euler keeps linspace's fractions."""
   np.testing.assert_array_equal(
-    schedules.spaced_timesteps(1000, steps, spacing), d.timesteps.numpy()
+    schedules.spaced_timesteps(1000, 4, "linspace", multistep=True), [999, 749, 500, 250]
   )
+  np.testing.assert_array_equal(
+    schedules.spaced_timesteps(1000, 4, "leading", 1, multistep=True), [801, 601, 401, 201]
+  )
+  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, 4, "linspace"), [999, 666, 333, 0])
+  np.testing.assert_array_equal(
+    schedules.spaced_timesteps(1000, 4, "linspace", fractional=True), [999, 666, 333, 0]
+  )
+  np.testing.assert_allclose(
+    schedules.spaced_timesteps(1000, 3, "linspace", fractional=True), [999, 499.5, 0]
+  )
+  # steps_offset applies to leading only.
+  for spacing in ("trailing", "linspace"):
+    np.testing.assert_array_equal(
+      schedules.spaced_timesteps(1000, 5, spacing, 3), schedules.spaced_timesteps(1000, 5, spacing)
+    )
+
+
+def test_schedule_from_alphas_cumprod_keeps_the_table():
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  for kw in ({}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}):
+    d = diffusers.DDIMScheduler(**kw)
+    ab = d.alphas_cumprod.numpy()  # float32 torch.cumprod
+    s = schedules.schedule_from_alphas_cumprod(ab)
+    np.testing.assert_array_equal(np.asarray(s.alphas_cumprod), ab)
+    np.testing.assert_array_equal(np.asarray(s.alphas_cumprod_prev)[1:], ab[:-1])
+    # betas from ratios of float32 neighbours: measured 3.5e-4 relative.
+    np.testing.assert_allclose(s.betas, d.betas.numpy(), rtol=1e-3)
+    np.testing.assert_allclose(s.sigmas, np.sqrt((1 - ab) / ab), rtol=1e-6)
+  zero = diffusers.DDIMScheduler(rescale_betas_zero_snr=True).alphas_cumprod.numpy()
+  assert zero[-1] == 0.0
+  s = schedules.schedule_from_alphas_cumprod(zero)  # a last entry of 0 is allowed
+  assert float(s.betas[-1]) == 1.0 and float(s.sigmas[-1]) == np.inf
+  ref = schedules.make_schedule()
+  np.testing.assert_allclose(
+    schedules.schedule_from_alphas_cumprod(np.asarray(ref.alphas_cumprod)).posterior_variance,
+    ref.posterior_variance,
+    rtol=2e-3,
+  )
+  del torch
+
+
+@pytest.mark.parametrize(
+  "table,message",
+  [
+    ([0.9, 0.95], "strictly decreasing"),
+    ([1.0, 0.5], "alphas_cumprod[0] must be < 1"),
+    ([1.5, 0.5], "strictly decreasing in (0, 1]"),
+    ([0.9, 0.0, 0.0], "strictly decreasing"),
+    ([[0.9, 0.5]], "non-empty 1-D"),
+  ],
+)
+def test_schedule_from_alphas_cumprod_bad_input(table, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    schedules.schedule_from_alphas_cumprod(table)
 
 
 def test_karras_sigmas():
@@ -126,5 +222,13 @@ def test_bad_input():
     schedules.spaced_timesteps(1000, 10, "uniform")
   with pytest.raises(ValueError, match=r"steps must be in \[1, T=1000\]"):
     schedules.spaced_timesteps(1000, 1001)
+  # One past the last valid grid: leading 10 steps + offset 100 reaches T = 1000.
+  schedules.spaced_timesteps(1000, 10, "leading", 99)
+  with pytest.raises(ValueError, match=r"leading timesteps for steps=10 reach 1000, outside"):
+    schedules.spaced_timesteps(1000, 10, "leading", 100)
+  # The multistep rule repeats timesteps at steps = T (diffusers would step by h = 0).
+  schedules.spaced_timesteps(1000, 999, "leading", multistep=True)
+  with pytest.raises(ValueError, match="'linspace' repeats timesteps at steps=1000"):
+    schedules.spaced_timesteps(1000, 1000, "linspace", multistep=True)
   with pytest.raises(ValueError, match="prediction type"):
     schedules.target(jnp.zeros(1), jnp.zeros(1), 1.0, 0.0, "score")

@@ -9,10 +9,18 @@ A sampler is instantiated on a time grid as a `Plan`:
   step:   (carry, info, predict, noise) -> carry
   space:  "vp" if the state is x = alpha x0 + sigma eps (DDPM, DDIM, DPM-Solver++, UniPC,
           LCM) or "ve" if it is x / alpha = x0 + k eps (Euler, Euler ancestral, Heun).
+  needs_noise: False for a deterministic plan: `run_plan` then draws nothing (no PRNG op
+          is traced) and passes zeros as `noise`.
 `run_plan` scans `step` over `infos`; `sample` builds the plan and runs it. First-order
 starts and the final step to sigma = 0 are flags in `infos`, never Python branches, so the
 model is traced exactly once. Guidance and editing wrap `denoise` or use the plan's
 coefficients; they do not touch the steps.
+
+Time grids follow Hugging Face diffusers exactly, each sampler its own scheduler's
+`set_timesteps` formula per `timestep_spacing` (see `schedules.spaced_timesteps` and
+docs/samplers.md), its first noise scale (`init_noise_sigma`) and its final step (to
+alphas_cumprod 1, or alphas_cumprod[0] for DDIM with set_alpha_to_one=False; to sigma 0).
+Custom `timesteps` (or `sigmas`, Euler) from the settings replace the computed grid.
 
 Every setting of a sampler lives in one frozen, hashable `SamplerSettings` (a static jit
 argument); `SAMPLERS` maps each sampler name to a `SamplerSpec`: its grid builder, its plan
@@ -26,6 +34,7 @@ sigma. `x_T` is unit Gaussian noise; each plan scales it as diffusers does.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +53,7 @@ Predict = Callable[[Array, dict], tuple[Array, Array, Array | None]]
 SPACINGS = ("leading", "trailing", "linspace")
 LCM_MAX_STEPS = 8
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+DDIM_STEPS = ("grid", "diffusers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +66,7 @@ class Plan:
   space: str  # "vp" or "ve"
   noise_scale: Array  # x_native = noise_scale * x_T when starting from pure noise
   single_step: bool = True  # no history in the carry: RePaint resampling is allowed
+  needs_noise: bool = True  # step uses its noise argument (False: run_plan draws none)
 
   @property
   def num_steps(self) -> int:
@@ -70,9 +81,23 @@ def _ve_to_vp(k: Array) -> tuple[Array, Array]:
   return a, k * a
 
 
-def _grid_from_timesteps(schedule: Schedule, ts: np.ndarray) -> dict:
+def _grid_from_timesteps(
+  schedule: Schedule,
+  ts: np.ndarray,
+  prev: np.ndarray | None = None,
+  final_alphas_cumprod: float | Array = 1.0,
+) -> dict:
+  """VP grid at integer timesteps ts (n,): alphas_cumprod "ab", alpha "a", sigma "s", and
+  the same ("ab_next", ...) at the timesteps `prev` (n,) each step goes to.
+
+  prev defaults to the next grid point; where it is < 0 (the last step by default) the
+  state goes to `final_alphas_cumprod` (1: x0, as DDPM; diffusers' DDIM final_alpha_cumprod).
+  """
+  ts = np.asarray(ts, np.int64)
+  prev = np.concatenate([ts[1:], [-1]]) if prev is None else np.asarray(prev, np.int64)
   ab = schedule.alphas_cumprod[ts]
-  ab_next = jnp.concatenate([ab[1:], jnp.ones((1,), ab.dtype)])
+  final = jnp.asarray(final_alphas_cumprod, ab.dtype)
+  ab_next = jnp.where(prev >= 0, schedule.alphas_cumprod[np.maximum(prev, 0)], final)
   return {
     "t": jnp.asarray(ts, jnp.float32),
     "ab": ab,
@@ -91,6 +116,65 @@ def discrete_grid(schedule: Schedule, steps: int, spacing: str, offset: int = 0)
   )
 
 
+def _k_table(schedule: Schedule) -> Array:
+  """k-sigma (T,) of every timestep; a zero-terminal-SNR schedule's infinite sigma is
+  clamped to alphas_cumprod = 2^-24, as diffusers does."""
+  ab_all = jnp.maximum(schedule.alphas_cumprod, 2.0**-24)
+  return jnp.sqrt((1.0 - ab_all) / ab_all)
+
+
+def _sigma_to_t(k: Array, k_all: Array) -> Array:
+  """Fractional timesteps of k-sigmas k, linear in log sigma (diffusers' _sigma_to_t)."""
+  t_all = jnp.arange(k_all.shape[0], dtype=jnp.float32)
+  return jnp.interp(jnp.log(jnp.maximum(k, 1e-10)), jnp.log(k_all), t_all)
+
+
+def _ve_grid(t: Array, k: Array, k_next: Array) -> dict:
+  a, s = _ve_to_vp(k)
+  a_next, s_next = _ve_to_vp(k_next)
+  return {"t": t, "k": k, "k_next": k_next, "a": a, "s": s, "a_next": a_next, "s_next": s_next}
+
+
+def sigma_grid_from_timesteps(
+  schedule: Schedule,
+  ts: np.ndarray,
+  *,
+  karras: bool = False,
+  karras_full_range: bool = False,
+  rho: float = 7.0,
+  round_timesteps: bool = False,
+) -> dict:
+  """A k-sigma grid (n,) at timesteps ts (n,), ending at sigma = 0, as diffusers' k-sigma
+  schedulers build it.
+
+  Integer ts take the table's sigmas; fractional ones interpolate them linearly in t
+  (np.interp, as diffusers' Euler, Euler ancestral and Heun). With `karras`, n Karras sigmas
+  between the end points of that grid (or of the whole schedule if `karras_full_range`),
+  mapped back to fractional (or rounded) timesteps by interpolation in log sigma.
+  """
+  ts = np.asarray(ts)
+  k_all = _k_table(schedule)
+  if np.issubdtype(ts.dtype, np.integer):
+    k = k_all[ts]
+  else:
+    k = jnp.interp(jnp.asarray(ts, jnp.float32), jnp.arange(schedule.T, dtype=jnp.float32), k_all)
+  t = jnp.asarray(ts, jnp.float32)
+  if karras:
+    lo, hi = (k_all[0], k_all[-1]) if karras_full_range else (k[-1], k[0])
+    k = schedules.karras_sigmas(lo, hi, ts.shape[0], rho)
+    t = _sigma_to_t(k, k_all)
+    if round_timesteps:
+      t = jnp.round(t)
+  return _ve_grid(t, k, jnp.concatenate([k[1:], jnp.zeros((1,), k.dtype)]))
+
+
+def sigma_grid_from_sigmas(schedule: Schedule, sigmas) -> dict:
+  """A k-sigma grid (n,) on given sigmas (n + 1,): n noise levels and the final one (diffusers'
+  EulerDiscreteScheduler.set_timesteps(sigmas=...)); timesteps by log-sigma interpolation."""
+  sig = jnp.asarray(np.asarray(sigmas, np.float32))
+  return _ve_grid(_sigma_to_t(sig[:-1], _k_table(schedule)), sig[:-1], sig[1:])
+
+
 def sigma_grid(
   schedule: Schedule,
   steps: int,
@@ -101,30 +185,33 @@ def sigma_grid(
   rho: float = 7.0,
   round_timesteps: bool = False,
   offset: int = 0,
+  multistep: bool = False,
+  fractional: bool = False,
 ) -> dict:
-  """A k-sigma grid (n,) with model timesteps, as diffusers' k-diffusion-style schedulers.
+  """`sigma_grid_from_timesteps` on `schedules.spaced_timesteps` (multistep, fractional: its
+  per-scheduler rules)."""
+  ts = schedules.spaced_timesteps(
+    schedule.T, steps, spacing, offset, multistep=multistep, fractional=fractional
+  )
+  return sigma_grid_from_timesteps(
+    schedule,
+    ts,
+    karras=karras,
+    karras_full_range=karras_full_range,
+    rho=rho,
+    round_timesteps=round_timesteps,
+  )
 
-  Without `karras` the sigmas are those of the spaced integer timesteps; with it, n Karras
-  sigmas between the end points of that grid (or of the whole schedule if
-  `karras_full_range`), mapped back to fractional (or rounded) timesteps by interpolation in
-  log sigma. The grid ends at sigma = 0. A zero-terminal-SNR schedule's infinite sigma is
-  clamped to alphas_cumprod = 2^-24, as diffusers does.
+
+def init_noise_sigma(k: Array, spacing: str) -> Array:
+  """diffusers' init_noise_sigma of its k-sigma schedulers (Euler, Euler ancestral, Heun).
+
+  k (n,) the grid's sigmas. For linspace and trailing grids diffusers scales x_T by k_max,
+  for leading ones by sqrt(k_max^2 + 1), x_T's exact std in VE space (larger by a factor
+  1 + 2e-5 for DiT's linear schedule, 1 + 2.3e-3 for Stable Diffusion's).
   """
-  ts = schedules.spaced_timesteps(schedule.T, steps, spacing, offset)
-  ab_all = jnp.maximum(schedule.alphas_cumprod, 2.0**-24)
-  k_all = jnp.sqrt((1.0 - ab_all) / ab_all)
-  k = k_all[ts]
-  t = jnp.asarray(ts, jnp.float32)
-  if karras:
-    lo, hi = (k_all[0], k_all[-1]) if karras_full_range else (k[-1], k[0])
-    k = schedules.karras_sigmas(lo, hi, steps, rho)
-    t = jnp.interp(jnp.log(k), jnp.log(k_all), jnp.arange(schedule.T, dtype=jnp.float32))
-    if round_timesteps:
-      t = jnp.round(t)
-  k_next = jnp.concatenate([k[1:], jnp.zeros((1,), k.dtype)])
-  a, s = _ve_to_vp(k)
-  a_next, s_next = _ve_to_vp(k_next)
-  return {"t": t, "k": k, "k_next": k_next, "a": a, "s": s, "a_next": a_next, "s_next": s_next}
+  k_max = jnp.max(k)
+  return k_max if spacing in ("linspace", "trailing") else jnp.sqrt(k_max**2 + 1.0)
 
 
 def ddim_timesteps(num_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
@@ -200,11 +287,15 @@ def ddpm_plan(grid: dict, *, variance: str = "fixed_small") -> Plan:
       std = jnp.exp(0.5 * (frac * jnp.log(beta_step) + (1.0 - frac) * jnp.log(small)))
     return {"x": mean + info["noisy"] * std * noise}
 
-  return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+  return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0), needs_noise=n > 1)
 
 
 def ddim_plan(grid: dict, *, eta: float = 0.0) -> Plan:
-  """DDIM (Song et al. 2021); eta = 0 deterministic, eta = 1 DDPM-like noise."""
+  """DDIM (Song et al. 2021); eta = 0 deterministic (draws no noise), eta = 1 DDPM-like.
+
+  Each step goes from "ab" to "ab_next": diffusers' DDIM goes to t - T // steps, which is not
+  always the next grid point (`_ddim_grid`).
+  """
 
   def step(carry, info, predict, noise):
     x = carry["x"]
@@ -213,13 +304,21 @@ def ddim_plan(grid: dict, *, eta: float = 0.0) -> Plan:
     var = ((1.0 - ab_next) / (1.0 - ab)) * (1.0 - ab / ab_next)
     std = eta * jnp.sqrt(var)
     direction = jnp.sqrt(jnp.maximum(1.0 - ab_next - std**2, 0.0)) * eps
-    return {"x": info["a_next"] * x0 + direction + std * noise}
+    x_next = info["a_next"] * x0 + direction
+    return {"x": x_next + std * noise if eta else x_next}
 
-  return Plan(dict(grid), lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+  return Plan(dict(grid), lambda x: {"x": x}, step, "vp", jnp.float32(1.0), needs_noise=eta != 0)
 
 
-def euler_plan(grid: dict) -> Plan:
-  """Euler on the probability-flow ODE dx/dk = (x - x0) / k in VE space (k-diffusion)."""
+def _ve_noise_scale(k: Array, noise_scale: Array | None) -> Array:
+  return jnp.sqrt(k[0] ** 2 + 1.0) if noise_scale is None else noise_scale
+
+
+def euler_plan(grid: dict, *, noise_scale: Array | None = None) -> Plan:
+  """Euler on the probability-flow ODE dx/dk = (x - x0) / k in VE space (k-diffusion).
+
+  noise_scale: x_T's scale at the start (default sqrt(k_0^2 + 1); see `init_noise_sigma`).
+  """
 
   def step(carry, info, predict, noise):
     x = carry["x"]
@@ -227,10 +326,11 @@ def euler_plan(grid: dict) -> Plan:
     d = (x - x0) / info["k"]
     return {"x": x + d * (info["k_next"] - info["k"])}
 
-  return Plan(dict(grid), lambda x: {"x": x}, step, "ve", jnp.sqrt(grid["k"][0] ** 2 + 1.0))
+  scale = _ve_noise_scale(grid["k"], noise_scale)
+  return Plan(dict(grid), lambda x: {"x": x}, step, "ve", scale, needs_noise=False)
 
 
-def euler_ancestral_plan(grid: dict) -> Plan:
+def euler_ancestral_plan(grid: dict, *, noise_scale: Array | None = None) -> Plan:
   """Euler ancestral: an Euler step down to k_down plus fresh noise of std k_up."""
   k, k_next = grid["k"], grid["k_next"]
   k_up = jnp.sqrt(k_next**2 * (k**2 - k_next**2) / k**2)
@@ -242,10 +342,12 @@ def euler_ancestral_plan(grid: dict) -> Plan:
     d = (x - x0) / info["k"]
     return {"x": x + d * (info["k_down"] - info["k"]) + info["k_up"] * noise}
 
-  return Plan(infos, lambda x: {"x": x}, step, "ve", jnp.sqrt(k[0] ** 2 + 1.0))
+  # A one-point grid's only step ends at k = 0 (k_up = 0): no noise.
+  scale = _ve_noise_scale(k, noise_scale)
+  return Plan(infos, lambda x: {"x": x}, step, "ve", scale, needs_noise=k.shape[0] > 1)
 
 
-def heun_plan(grid: dict) -> Plan:
+def heun_plan(grid: dict, *, noise_scale: Array | None = None) -> Plan:
   """Heun's 2nd-order method (EDM, deterministic), one model evaluation per scan step.
 
   As in diffusers the n grid points give 2n - 1 evaluations: a predictor (Euler) evaluation
@@ -288,7 +390,8 @@ def heun_plan(grid: dict) -> Plan:
       "dt": jnp.where(f, dt, carry["dt"]),
     }
 
-  return Plan(infos, init, step, "ve", jnp.sqrt(grid["k"][0] ** 2 + 1.0), single_step=False)
+  scale = _ve_noise_scale(grid["k"], noise_scale)
+  return Plan(infos, init, step, "ve", scale, single_step=False, needs_noise=False)
 
 
 def _lambdas(grid: dict) -> dict:
@@ -351,7 +454,9 @@ def dpmpp_plan(grid: dict, *, order: int = 2, sde: bool = False) -> Plan:
     x_new = jnp.where(o == 1, x1, jnp.where(o == 2, x2, x3))
     return {"x": x_new, "m1": m0, "m2": m1}
 
-  return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False)
+  # The SDE's one step of a one-point grid ends at sigma = 0: no noise.
+  needs_noise = sde and n > 1
+  return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False, needs_noise=needs_noise)
 
 
 def unipc_plan(grid: dict) -> Plan:
@@ -404,7 +509,7 @@ def unipc_plan(grid: dict) -> Plan:
     x_new = jnp.where(info["p_order"] == 1, pred1, pred2)
     return {"x": x_new, "x_last": x, "m1": m_t, "m2": m1}
 
-  return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False)
+  return Plan(infos, init, step, "vp", jnp.float32(1.0), single_step=False, needs_noise=False)
 
 
 def boundary_conditions(
@@ -442,13 +547,47 @@ def lcm_plan(grid: dict, *, timestep_scaling: float = 10.0, sigma_data: float = 
     renoised = info["a_next"] * denoised + info["s_next"] * noise
     return {"x": jnp.where(info["noisy"] > 0, renoised, denoised)}
 
-  return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0))
+  return Plan(infos, lambda x: {"x": x}, step, "vp", jnp.float32(1.0), needs_noise=n > 1)
 
 
 # ----------------------------------------------------------------------------- registry
 
 GridFn = Callable[[Schedule, "SamplerSettings"], dict]
 PlanFn = Callable[[dict, "SamplerSettings"], Plan]
+TimestepFn = Callable[[int, "SamplerSettings"], np.ndarray]
+
+
+def discrete_timesteps(num_timesteps: int, s: SamplerSettings) -> np.ndarray:
+  """int64 (n,): s.timesteps, else diffusers' DDPMScheduler / DDIMScheduler formula."""
+  if s.timesteps is not None:
+    return np.asarray(s.timesteps, np.float64).astype(np.int64)
+  return schedules.spaced_timesteps(num_timesteps, s.steps, s.timestep_spacing, s.steps_offset)
+
+
+def fractional_timesteps(num_timesteps: int, s: SamplerSettings) -> np.ndarray:
+  """float32 (n,): s.timesteps, else the formula of diffusers' Euler, Euler ancestral and
+  Heun schedulers (linspace keeps fractional timesteps)."""
+  if s.timesteps is not None:
+    return np.asarray(s.timesteps, np.float32)
+  return schedules.spaced_timesteps(
+    num_timesteps, s.steps, s.timestep_spacing, s.steps_offset, fractional=True
+  )
+
+
+def multistep_timesteps(num_timesteps: int, s: SamplerSettings) -> np.ndarray:
+  """int64 (n,): s.timesteps, else diffusers' DPMSolverMultistep / UniPC formula (linspace
+  and leading on n + 1 points, the last dropped)."""
+  if s.timesteps is not None:
+    return np.asarray(s.timesteps, np.float64).astype(np.int64)
+  return schedules.spaced_timesteps(
+    num_timesteps, s.steps, s.timestep_spacing, s.steps_offset, multistep=True
+  )
+
+
+def _lcm_timesteps(num_timesteps: int, s: SamplerSettings) -> np.ndarray:
+  if s.timesteps is not None:
+    return np.asarray(s.timesteps, np.float64).astype(np.int64)
+  return lcm_timesteps(num_timesteps, s.steps, s.lcm_original_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,30 +602,65 @@ class SamplerSpec:
   spacing: str = "trailing"  # default timestep spacing (`SamplerSettings.from_config`)
   # Extra checks of the settings beyond `SamplerSettings.check`: (settings, T) -> None.
   check: Callable[[SamplerSettings, int], None] | None = None
+  # (T, settings) -> the timesteps (n,) the grid is built on: the diffusers scheduler's own
+  # formula per spacing, or settings.timesteps.
+  timesteps: TimestepFn = discrete_timesteps
+  fractional: bool = False  # custom timesteps may be fractional (else integers)
+  custom_sigmas: bool = False  # settings.sigmas is allowed
+  spaced: bool = True  # the grid follows timestep_spacing (lcm: the distillation grid)
+  diffusers: str = ""  # the diffusers scheduler (and settings) it matches step by step
+
+
+def sampler_timesteps(num_timesteps: int, settings: SamplerSettings) -> np.ndarray:
+  """The timesteps (n,) settings.sampler builds its grid on (before any Karras sigmas)."""
+  return SAMPLERS[settings.sampler].timesteps(num_timesteps, settings)
 
 
 def _discrete_grid(schedule: Schedule, s: SamplerSettings) -> dict:
-  return discrete_grid(schedule, s.steps, s.timestep_spacing, s.steps_offset)
+  return _grid_from_timesteps(schedule, sampler_timesteps(schedule.T, s))
+
+
+def _ddim_grid(schedule: Schedule, s: SamplerSettings) -> dict:
+  # ddim_step="diffusers": diffusers' DDIM steps from t to t - T // steps, which is not the
+  # next grid point on trailing and linspace grids whose spacing is not T // steps: the state
+  # then lands between grid points and the next step starts from the wrong noise level (the
+  # error stops falling with more steps). "grid" (ours) always steps to the next grid point;
+  # the two agree on leading grids (diffusers' default and Stable Diffusion's).
+  ts = sampler_timesteps(schedule.T, s)
+  diffusers_rule = s.ddim_step == "diffusers" and s.timesteps is None
+  prev = ts - schedule.T // s.steps if diffusers_rule else None
+  final = 1.0 if s.set_alpha_to_one else schedule.alphas_cumprod[0]
+  return _grid_from_timesteps(schedule, ts, prev, final)
 
 
 def _spaced_sigma_grid(schedule: Schedule, s: SamplerSettings) -> dict:
   # k-diffusion-style samplers take Karras' range from the spaced grid, as diffusers' Euler
   # and Heun schedulers do.
-  return sigma_grid(schedule, s.steps, s.timestep_spacing, karras=s.karras, offset=s.steps_offset)
+  if s.sigmas is not None:
+    return sigma_grid_from_sigmas(schedule, s.sigmas)
+  return sigma_grid_from_timesteps(schedule, sampler_timesteps(schedule.T, s), karras=s.karras)
 
 
 def _full_range_sigma_grid(schedule: Schedule, s: SamplerSettings) -> dict:
   # The DPM-Solver family takes Karras' range from the whole schedule and rounds the model
   # timesteps, as diffusers' DPMSolverMultistep and UniPC schedulers do.
+  ts = sampler_timesteps(schedule.T, s)
   full = dict(karras_full_range=True, round_timesteps=True)
-  return sigma_grid(
-    schedule, s.steps, s.timestep_spacing, karras=s.karras, offset=s.steps_offset, **full
-  )
+  return sigma_grid_from_timesteps(schedule, ts, karras=s.karras, **full)
 
 
 def _lcm_grid(schedule: Schedule, s: SamplerSettings) -> dict:
-  return _grid_from_timesteps(schedule, lcm_timesteps(schedule.T, s.steps, s.lcm_original_steps))
+  return _grid_from_timesteps(schedule, sampler_timesteps(schedule.T, s))
 
+
+def _ve_plan(plan_fn: Callable[..., Plan]) -> PlanFn:
+  """A k-sigma sampler's PlanFn, starting from diffusers' init_noise_sigma."""
+  return lambda grid, s: plan_fn(grid, noise_scale=init_noise_sigma(grid["k"], s.timestep_spacing))
+
+
+_SIGMA = dict(timesteps=fractional_timesteps, fractional=True, karras=True)
+_MULTISTEP = dict(timesteps=multistep_timesteps, karras=True)
+_DPM = "DPMSolverMultistepScheduler"
 
 SAMPLERS: dict[str, SamplerSpec] = {
   "ddpm": SamplerSpec(
@@ -494,55 +668,65 @@ SAMPLERS: dict[str, SamplerSpec] = {
     _discrete_grid,
     lambda grid, s: ddpm_plan(grid, variance=s.variance or "fixed_small"),
     deterministic=False,
+    diffusers="DDPMScheduler",
   ),
   "ddim": SamplerSpec(
     "DDIM, deterministic at eta = 0",
-    _discrete_grid,
+    _ddim_grid,
     lambda grid, s: ddim_plan(grid, eta=s.eta),
+    diffusers="DDIMScheduler",
   ),
   "euler": SamplerSpec(
     "Euler on the probability-flow ODE (k-diffusion)",
     _spaced_sigma_grid,
-    lambda grid, s: euler_plan(grid),
-    karras=True,
+    _ve_plan(euler_plan),
+    custom_sigmas=True,
+    diffusers="EulerDiscreteScheduler",
+    **_SIGMA,
   ),
   "euler_ancestral": SamplerSpec(
     "Euler ancestral: an Euler step plus fresh noise",
     _spaced_sigma_grid,
-    lambda grid, s: euler_ancestral_plan(grid),
-    karras=True,
+    _ve_plan(euler_ancestral_plan),
     deterministic=False,
+    diffusers="EulerAncestralDiscreteScheduler",
+    **_SIGMA,
   ),
   "heun": SamplerSpec(
     "Heun's 2nd-order method (EDM), 2 * steps - 1 model evaluations",
     _spaced_sigma_grid,
-    lambda grid, s: heun_plan(grid),
-    karras=True,
+    _ve_plan(heun_plan),
+    diffusers="HeunDiscreteScheduler",
+    **_SIGMA,
   ),
   "dpmpp_2m": SamplerSpec(
     "DPM-Solver++(2M), 2nd-order multistep",
     _full_range_sigma_grid,
     lambda grid, s: dpmpp_plan(grid, order=2),
-    karras=True,
+    diffusers=_DPM,
+    **_MULTISTEP,
   ),
   "dpmpp_2m_sde": SamplerSpec(
     "DPM-Solver++(2M) SDE, 2nd-order multistep with noise",
     _full_range_sigma_grid,
     lambda grid, s: dpmpp_plan(grid, order=2, sde=True),
-    karras=True,
     deterministic=False,
+    diffusers=f'{_DPM}(algorithm_type="sde-dpmsolver++")',
+    **_MULTISTEP,
   ),
   "dpmpp_3m": SamplerSpec(
     "DPM-Solver++(3M), 3rd-order multistep",
     _full_range_sigma_grid,
     lambda grid, s: dpmpp_plan(grid, order=3),
-    karras=True,
+    diffusers=f"{_DPM}(solver_order=3)",
+    **_MULTISTEP,
   ),
   "unipc": SamplerSpec(
     "UniPC (bh2), 2nd-order predictor-corrector",
     _full_range_sigma_grid,
     lambda grid, s: unipc_plan(grid),
-    karras=True,
+    diffusers="UniPCMultistepScheduler",
+    **_MULTISTEP,
   ),
   "lcm": SamplerSpec(
     f"latent consistency model, 1-{LCM_MAX_STEPS} steps on the distillation grid, for "
@@ -551,13 +735,21 @@ SAMPLERS: dict[str, SamplerSpec] = {
     lambda grid, s: lcm_plan(grid),
     deterministic=False,
     check=lambda s, num_timesteps: check_lcm_steps(num_timesteps, s.steps, s.lcm_original_steps),
+    timesteps=_lcm_timesteps,
+    spaced=False,
+    diffusers="LCMScheduler",
   ),
 }
 
 
 def describe() -> str:
-  """One line per registered sampler ("name: description"), for --help."""
-  return "\n".join(f"{name}: {spec.description}" for name, spec in SAMPLERS.items())
+  """One line per registered sampler ("name: description [default spacing; diffusers]")."""
+  lines = []
+  for name, spec in SAMPLERS.items():
+    grid = f"spacing {spec.spacing}" if spec.spaced else "own timesteps"
+    ref = f"; as diffusers' {spec.diffusers}" if spec.diffusers else ""
+    lines.append(f"{name}: {spec.description} [{grid}{ref}]")
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -567,6 +759,20 @@ def _is_int(v: Any) -> bool:
   return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
+def _is_real(v: Any) -> bool:
+  return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _as_tuple(name: str, values) -> tuple | None:
+  """values (a list, tuple or array) as a hashable tuple of Python numbers."""
+  if values is None:
+    return None
+  values = np.asarray(values)
+  if values.ndim != 1:
+    raise ValueError(f"custom {name} must be a 1-D sequence, got shape {values.shape}")
+  return tuple(values.tolist())
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
   """Every setting of a sampler; frozen and hashable, so it can be a static jit argument.
@@ -574,12 +780,27 @@ class SamplerSettings:
   sampler: a `SAMPLERS` name. steps: grid points, in [1, T]; every sampler makes `steps`
     model evaluations except heun (2 * steps - 1).
   eta: DDIM noise (0 = deterministic). timestep_spacing ("leading" | "trailing" |
-    "linspace") and steps_offset pick the timesteps (`schedules.spaced_timesteps`).
+    "linspace") and steps_offset (leading only, as diffusers) pick the timesteps with each
+    sampler's own diffusers formula (`SamplerSpec.timesteps`). The default is "trailing" for
+    every sampler (and `SamplerSettings.from_config` takes the sampler's `SamplerSpec.spacing`,
+    "trailing" for all; `describe()` lists it): it starts at t = T - 1, which zero-terminal-SNR
+    models need. diffusers' own defaults are "leading" for ddpm and ddim and "linspace" for
+    euler, euler_ancestral, heun, dpmpp_* and unipc; lcm ignores the spacing.
   karras: Karras sigmas (samplers whose spec has karras=True).
   variance: DDPM variance ("fixed_small" | "fixed_large" | "learned_range"); None: learned
     range for a model with learned sigma, else fixed_small.
   clip_x0: clip the predicted x0 to +-clip_x0 (None: no clipping).
   lcm_original_steps: the distillation grid of an LCM model (config.distill.num_ddim_timesteps).
+  set_alpha_to_one: DDIM's last step goes to alphas_cumprod 1 (x0; diffusers' default); False
+    (Stable Diffusion's configs) goes to alphas_cumprod[0]. Other samplers end at x0 always.
+  ddim_step: "grid" (DDIM steps to the next grid point) or "diffusers" (to t - T // steps,
+    diffusers' rule; the same on leading grids, off the grid on some trailing/linspace ones).
+  timesteps: custom timesteps (n,), strictly decreasing in [0, T), replacing the computed grid
+    (steps becomes n; spacing and steps_offset are ignored, karras must be off); fractional
+    ones only for euler, euler_ancestral and heun.
+  sigmas: custom k-sigmas (n + 1,) for euler, strictly decreasing, the last the final noise
+    level (usually 0), as diffusers' set_timesteps(sigmas=...); steps becomes n.
+  Lists and arrays given for timesteps or sigmas are stored as tuples (hashable).
   """
 
   sampler: str = "ddim"
@@ -591,6 +812,18 @@ class SamplerSettings:
   variance: str | None = None
   clip_x0: float | None = None
   lcm_original_steps: int = 50
+  set_alpha_to_one: bool = True
+  ddim_step: str = "grid"
+  timesteps: tuple[int | float, ...] | None = None
+  sigmas: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    # Custom grids set steps, so that img2img, heun's count and LCM's checks see n.
+    for name in ("timesteps", "sigmas"):
+      values = _as_tuple(name, getattr(self, name))
+      object.__setattr__(self, name, values)
+      if values:
+        object.__setattr__(self, "steps", len(values) - (name == "sigmas"))
 
   def check(self, num_timesteps: int) -> None:
     """Raises ValueError naming a bad setting and the valid values, for a schedule of T steps."""
@@ -600,6 +833,7 @@ class SamplerSettings:
       raise ValueError(
         f"Unknown sampler {self.sampler!r}; valid samplers are: {', '.join(SAMPLERS)}"
       )
+    _check_custom_grid(self, spec, T)
     if not _is_int(self.steps):
       raise ValueError(f"steps must be an integer in [1, T={T}], got {self.steps!r}")
     if not 1 <= self.steps <= T:
@@ -622,6 +856,8 @@ class SamplerSettings:
       )
     if self.clip_x0 is not None and not self.clip_x0 > 0:
       raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0!r}")
+    if self.ddim_step not in DDIM_STEPS:
+      raise ValueError(f"Unknown ddim_step {self.ddim_step!r}; expected one of {DDIM_STEPS}")
     if not _is_int(self.lcm_original_steps):
       raise ValueError(f"lcm_original_steps must be an integer, got {self.lcm_original_steps!r}")
     if spec.check is not None:
@@ -631,8 +867,9 @@ class SamplerSettings:
   def from_config(cls, config: Any, **overrides: Any) -> SamplerSettings:
     """The settings of config.sample, then `overrides` whose value is not None; checked.
 
-    Reads config.sample.{sampler, steps, eta} and, where present, timestep_spacing,
-    steps_offset, karras, variance and clip_x0; lcm_original_steps is
+    Reads config.sample.{sampler, steps, eta} and, where present, timestep_spacing (else the
+    sampler's `SamplerSpec.spacing`), steps_offset, karras, variance, clip_x0,
+    set_alpha_to_one, timesteps and sigmas; lcm_original_steps is
     config.distill.num_ddim_timesteps for a distilled model (a `distill` section), else 50.
     Overrides are typically command-line flags (None = not given).
     """
@@ -640,15 +877,13 @@ class SamplerSettings:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     s = config.sample
     spec = SAMPLERS.get(overrides.get("sampler", s.sampler))
+    optional = ("steps_offset", "karras", "variance", "clip_x0", "set_alpha_to_one", "ddim_step")
     kw = dict(
       sampler=s.sampler,
       steps=s.steps,
       eta=s.eta,
       timestep_spacing=s.get("timestep_spacing", spec.spacing if spec else cls.timestep_spacing),
-      steps_offset=s.get("steps_offset", cls.steps_offset),
-      karras=s.get("karras", cls.karras),
-      variance=s.get("variance", cls.variance),
-      clip_x0=s.get("clip_x0", cls.clip_x0),
+      **{name: s.get(name, getattr(cls, name)) for name in (*optional, "timesteps", "sigmas")},
       lcm_original_steps=(
         config.distill.num_ddim_timesteps if "distill" in config else cls.lcm_original_steps
       ),
@@ -657,6 +892,49 @@ class SamplerSettings:
     settings = cls(**dict(kw, eta=float(kw["eta"])))  # 0 and 0.0: one static jit argument
     settings.check(config.diffusion.num_timesteps)
     return settings
+
+
+def _check_custom_grid(s: SamplerSettings, spec: SamplerSpec, T: int) -> None:
+  """Custom timesteps / sigmas: one ValueError naming the first bad value and its index."""
+  if s.timesteps is not None and s.sigmas is not None:
+    raise ValueError("give custom timesteps or sigmas, not both")
+  if (s.timesteps is not None or s.sigmas is not None) and s.karras:
+    raise ValueError("custom timesteps or sigmas replace the grid: they take karras=False")
+  if s.sigmas is not None and not spec.custom_sigmas:
+    with_sigmas = ", ".join(name for name, sp in SAMPLERS.items() if sp.custom_sigmas)
+    raise ValueError(
+      f"custom sigmas are not supported by sampler {s.sampler!r}; samplers with custom "
+      f"sigmas: {with_sigmas} (others take custom timesteps)"
+    )
+  if s.timesteps is not None:
+    if not s.timesteps:
+      raise ValueError("custom timesteps must hold at least one timestep")
+    for i, t in enumerate(s.timesteps):
+      if not _is_real(t) or not 0 <= t < T:
+        raise ValueError(f"custom timesteps[{i}] = {t!r} is outside [0, T={T})")
+      if not spec.fractional and not float(t).is_integer():
+        fractional = ", ".join(name for name, sp in SAMPLERS.items() if sp.fractional)
+        raise ValueError(
+          f"custom timesteps[{i}] = {t!r} is not an integer, which sampler {s.sampler!r} "
+          f"needs (fractional timesteps: {fractional})"
+        )
+      if i and not t < s.timesteps[i - 1]:
+        raise ValueError(
+          f"custom timesteps[{i}] = {t!r} is not below timesteps[{i - 1}] = "
+          f"{s.timesteps[i - 1]!r}: they must be strictly decreasing"
+        )
+  if s.sigmas is not None:
+    if len(s.sigmas) < 2:
+      raise ValueError("custom sigmas need n + 1 >= 2 values: n noise levels, then the final one")
+    for i, k in enumerate(s.sigmas):
+      last = i == len(s.sigmas) - 1
+      if not _is_real(k) or not math.isfinite(k) or not (k >= 0 if last else k > 0):
+        raise ValueError(f"custom sigmas[{i}] = {k!r} must be finite and > 0 (the last one >= 0)")
+      if i and not k < s.sigmas[i - 1]:
+        raise ValueError(
+          f"custom sigmas[{i}] = {k!r} is not below sigmas[{i - 1}] = {s.sigmas[i - 1]!r}: "
+          "they must be strictly decreasing"
+        )
 
 
 def _check_fields(kwargs: dict[str, Any]) -> None:
@@ -718,8 +996,9 @@ def run_plan(
   """Runs every step of `plan` in one `lax.scan` from the native-space state x.
 
   noise: optional (n, *x.shape) per-step noise (for parity with a reference); otherwise it
-  is drawn from infos["key"] (n,) PRNG keys. paste(x, info, key) edits the state after
-  each step.
+  is drawn from infos["key"] (n,) PRNG keys, unless the plan needs none (`needs_noise`
+  False: zeros are passed and no PRNG op is traced). paste(x, info, key) edits the state
+  after each step.
   Returns x_0, or (x_0, trajectory (n, *x.shape) of the native states after each step).
   """
   infos = dict(plan.infos)
@@ -729,10 +1008,22 @@ def run_plan(
         f"noise must have shape {(plan.num_steps, *x.shape)} (steps, *x.shape), got {noise.shape}"
       )
     infos["noise"] = noise
+  draw = plan.needs_noise and noise is None
+  if (draw or paste is not None or "renoise" in infos) and "key" not in infos:
+    raise ValueError(
+      "run_plan draws noise here (the plan's, a paste or RePaint's): it needs per-step PRNG "
+      'keys infos["key"] (`_step_keys_and_repaint`)'
+    )
 
   def body(carry, info):
-    k_step, k_paste, k_renoise = jax.random.split(info["key"], 3)
-    z = info["noise"] if "noise" in info else jax.random.normal(k_step, x.shape, x.dtype)
+    if draw or paste is not None or "renoise" in info:
+      k_step, k_paste, k_renoise = jax.random.split(info["key"], 3)
+    if "noise" in info:
+      z = info["noise"]
+    elif draw:
+      z = jax.random.normal(k_step, x.shape, x.dtype)
+    else:  # a deterministic plan: the step ignores z
+      z = jnp.zeros(x.shape, x.dtype)
     carry = plan.step(carry, info, predict, z)
     if paste is not None:
       carry = dict(carry, x=paste(carry["x"], info, k_paste))
@@ -850,8 +1141,11 @@ def sample(
   if resample != 1 and mask is None:
     raise ValueError("resample (RePaint) needs a mask")
   plan = build_plan(schedule, settings, start)
-  k_init, k_steps = jax.random.split(key)
-  plan = _step_keys_and_repaint(plan, k_steps, resample, settings.sampler)
+  k_init = key
+  if plan.needs_noise or mask is not None:
+    # Deterministic sampling without a mask uses no key: no PRNG op is traced.
+    k_init, k_steps = jax.random.split(key)
+    plan = _step_keys_and_repaint(plan, k_steps, resample, settings.sampler)
   x, paste = _initial_state(plan, x_T, x_init, mask, start, k_init)
   predict = make_predict(denoise, plan.space, prediction, learn_sigma, settings.clip_x0)
   return run_plan(plan, predict, x, noise=noise, paste=paste, return_trajectory=return_trajectory)

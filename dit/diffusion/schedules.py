@@ -110,15 +110,38 @@ def schedule_from_betas(betas) -> Schedule:
     raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
   if np.any(betas <= 0) or np.any(betas > 1):
     raise ValueError("betas must lie in (0, 1]")
-  ab = np.cumprod(1.0 - betas)
+  return _schedule(betas, np.cumprod(1.0 - betas))
+
+
+def schedule_from_alphas_cumprod(alphas_cumprod) -> Schedule:
+  """Builds a `Schedule` from given alphas_cumprod (T,), kept exactly (up to float32).
+
+  For a reference's own table, e.g. diffusers' float32 torch.cumprod of its betas, which
+  `schedule_from_betas` (float64 accumulation) reproduces only to ~1e-6 relative. betas are
+  recovered as 1 - alphas_cumprod[t] / alphas_cumprod[t - 1]; the table must be strictly
+  decreasing in (0, 1], with a last entry of 0 allowed (zero terminal SNR).
+  """
+  ab = np.asarray(alphas_cumprod, np.float64)
+  if ab.ndim != 1 or ab.shape[0] < 1:
+    raise ValueError(f"alphas_cumprod must be a non-empty 1-D array, got shape {ab.shape}")
+  if not (np.all(ab[:-1] > 0) and ab[-1] >= 0 and ab[0] <= 1 and np.all(np.diff(ab) < 0)):
+    raise ValueError("alphas_cumprod must be strictly decreasing in (0, 1] (the last may be 0)")
+  betas = 1.0 - ab / np.concatenate([[1.0], ab[:-1]])
+  if betas[0] <= 0:
+    raise ValueError("alphas_cumprod[0] must be < 1 (betas[0] > 0)")
+  return _schedule(betas, ab)
+
+
+def _schedule(betas: np.ndarray, ab: np.ndarray) -> Schedule:
+  """The `Schedule` of float64 betas (T,) and their alphas_cumprod (T,)."""
   ab_prev = np.concatenate([[1.0], ab[:-1]])
-  post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+    sigmas = np.sqrt((1.0 - ab) / ab)
   # log(0) at t=0: like improved DDPM, use the t=1 value there (only used for t=0 of the VLB).
   post_log_var = (
     np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(betas) > 1 else (np.log(betas))
   )
-  with np.errstate(divide="ignore"):
-    sigmas = np.sqrt((1.0 - ab) / ab)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   return Schedule(
     betas=f32(betas),
@@ -263,29 +286,51 @@ def karras_sigmas(sigma_min, sigma_max, n: int, rho: float = 7.0) -> jax.Array:
   return (hi + ramp * (lo - hi)) ** rho
 
 
-def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing", offset: int = 0):
-  """Integer sampling timesteps (steps,), decreasing, as in diffusers' `timestep_spacing`.
+def spaced_timesteps(
+  num_timesteps: int,
+  steps: int,
+  spacing: str = "trailing",
+  offset: int = 0,
+  *,
+  multistep: bool = False,
+  fractional: bool = False,
+) -> np.ndarray:
+  """Sampling timesteps (steps,), strictly decreasing, as diffusers' `timestep_spacing`.
 
-  leading:  0, T//n, 2T//n, ... (+ offset), reversed (DDIM paper; never reaches T-1).
-  trailing: round(T - i T/n) - 1 for i < n: starts at T-1 (Lin et al. 2024).
-  linspace: round(linspace(0, T-1, n)) reversed: both ends included.
+  With T = num_timesteps and n = steps, each diffusers scheduler's own formula:
+  leading:  i * (T // n) + offset for i < n, reversed (DDIM paper; never reaches T - 1).
+  trailing: round(T - i T / n) - 1 for i < n: starts at T - 1 (Lin et al. 2024); no offset.
+  linspace: round(linspace(0, T - 1, n)) reversed: both ends included; no offset.
+  multistep (DPMSolverMultistep, UniPC): leading and linspace space n + 1 points (leading
+    with step T // (n + 1)) and drop the last one, so the grid never includes t = 0.
+  fractional (Euler, Euler ancestral, Heun): linspace keeps np.linspace's fractional
+    values; the result is float32 (as diffusers'), otherwise int64.
   """
   T, n = num_timesteps, steps
   if not 1 <= n <= T:
     raise ValueError(f"steps must be in [1, T={T}], got {n}")
+  m = n + 1 if multistep else n  # points before the multistep rule drops the last one
   if spacing == "leading":
-    ts = (np.arange(n) * (T // n)).round()[::-1] + offset
+    ts = (np.arange(m) * (T // m)).round()[::-1][:n] + offset
   elif spacing == "trailing":
     ts = np.round(np.arange(T, 0, -T / n)) - 1
   elif spacing == "linspace":
-    ts = np.linspace(0, T - 1, n).round()[::-1]
+    ts = np.linspace(0, T - 1, m)[::-1][:n]
+    ts = ts.astype(np.float32) if fractional else ts.round()
   else:
     raise ValueError(
       f"Unknown timestep spacing {spacing!r}; expected 'leading', 'trailing' or 'linspace'"
     )
-  ts = np.asarray(ts[:n], np.int64)
+  ts = np.asarray(ts[:n], np.float32 if fractional else np.int64)
   if ts.max() >= T or ts.min() < 0:
-    raise ValueError(f"timesteps {ts} fall outside [0, {T}) (offset={offset})")
+    raise ValueError(
+      f"{spacing} timesteps for steps={n} reach {ts.max()}, outside [0, {T}) (offset={offset})"
+    )
+  if np.any(np.diff(ts) >= 0):
+    raise ValueError(
+      f"timestep_spacing {spacing!r} repeats timesteps at steps={n} for T={T} "
+      f"({'multistep' if multistep else 'single-step'} rule); use fewer steps or 'trailing'"
+    )
   return ts
 
 
