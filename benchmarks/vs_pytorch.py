@@ -18,7 +18,13 @@ Note: diffusers' DiT gives every block its own timestep/label embedder (the conv
 checkpoint copies the shared one into each block), so it has more parameters for AdamW to
 update; the matmul FLOPs are the same to within 0.1%.
 
-Writes benchmarks/results/vs_pytorch_<model>_<backend>.json unless --out is given.
+--threads=N gives each side N threads (torch.set_num_threads, and XLA's CPU thread pool via
+XLA_FLAGS, set before JAX starts). A figure counts only on an idle machine: the 1-minute load
+average is recorded before and after, and when either reaches the core count the result is
+marked "noisy" and written only with --allow_noisy (a ratio taken under load is noise: one
+taken at load 15 read 0.41 where the idle machine gives 1.39).
+
+Writes benchmarks/results/vs_pytorch_<model>_<backend>[_<N>threads].json unless --out is given.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--attention", default="xla", help="ours: xla | cudnn | einsum")
   p.add_argument("--overrides", default="", help="config.model fields, e.g. depth=1,num_heads=2")
   p.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
+  p.add_argument("--threads", type=int, default=0, help="N threads for both sides (0: defaults)")
+  p.add_argument("--allow_noisy", action="store_true", help="write a result taken under load")
   p.add_argument("--torch_device", default="cpu", help="cpu | cuda")
   p.add_argument("--with_train_step", action="store_true", help="also time dit.train's update")
   p.add_argument("--windows", type=int, default=5)
@@ -151,10 +159,25 @@ def torch_step(m, data: dict[str, np.ndarray], device: str, dtype: str):
   return step, num_params, torch.get_num_threads()
 
 
+def set_xla_threads(n: int) -> None:
+  """XLA's CPU threads = n; only effective before JAX's backend starts (first computation)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags += f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
+  flags += f" intra_op_parallelism_threads={n}"
+  os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def noisy(load_before: float, load_after: float, cpus: int) -> bool:
+  """Whether a timing was taken under load: the 1-minute load reached the core count."""
+  return max(load_before, load_after) >= cpus
+
+
 def run(args: argparse.Namespace) -> dict:
   import torch
 
-  if args.torch_threads:
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  elif args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   config = common.dit_config(
     args.model, batch=args.batch, dtype=args.dtype, attention=args.attention, remat=False,
@@ -171,6 +194,7 @@ def run(args: argparse.Namespace) -> dict:
   timing = common.time_interleaved(
     fns, windows=args.windows, steps_per_window=args.steps_per_window, warmup=args.warmup
   )
+  load_after = os.getloadavg()[0]
   s_ours, s_ref = timing["ours"]["s_per_call"], timing["pytorch"]["s_per_call"]
   result = {
     "benchmark": "vs_pytorch",
@@ -197,7 +221,10 @@ def run(args: argparse.Namespace) -> dict:
     "pytorch_params": int(ref_params),
     "torch_device": args.torch_device,
     "torch_threads": threads,
+    "threads_per_side": args.threads or None,
     "load_average_1min_before": load_before,
+    "load_average_1min_after": load_after,
+    "noisy": noisy(load_before, load_after, os.cpu_count() or 1),
     **common.metadata(),
   }
   if args.with_train_step:
@@ -207,19 +234,29 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
+  if args.threads:
+    set_xla_threads(args.threads)
   result = run(args)
   print(
     f"{args.model} batch {args.batch} {args.dtype}: ours {result['ours_s_per_step'] * 1e3:.1f} ms,"
     f" pytorch {result['pytorch_s_per_step'] * 1e3:.1f} ms, "
     f"ratio {result['ratio_ours_over_pytorch']:.3f} (CPU-time ratio "
-    f"{result['cpu_time_ratio_ours_over_pytorch']:.3f}; load {result['load_average_1min']:.1f})"
+    f"{result['cpu_time_ratio_ours_over_pytorch']:.3f}; load {load_before_after(result)})"
   )
+  if result["noisy"] and not args.allow_noisy:
+    print("not written: the machine was loaded (pass --allow_noisy to keep it, marked noisy)")
+    return result
+  suffix = f"_{args.threads}threads" if args.threads else ""
   out = args.out or os.path.join(
     common.RESULTS_DIR,
-    f"vs_pytorch_{args.model.replace('/', '')}_{jax.default_backend()}.json",
+    f"vs_pytorch_{args.model.replace('/', '')}_{jax.default_backend()}{suffix}.json",
   )
   common.write_json(out, result)
   return result
+
+
+def load_before_after(result: dict) -> str:
+  return f"{result['load_average_1min_before']:.1f} -> {result['load_average_1min_after']:.1f}"
 
 
 if __name__ == "__main__":

@@ -91,7 +91,13 @@ class DiT(nn.Module):
     dtype: compute dtype ("float32" | "bfloat16"); params stay float32; LayerNorm statistics
       and the output are float32. bf16 outputs agree with float32 to within 5% of the
       output's standard deviation (max abs; about 0.7% on average; tests/test_model.py).
-    remat: rematerialise each block in the backward pass (nn.remat of the block class).
+    remat: rematerialise each block in the backward pass: only a block's input (and what
+      remat_policy keeps) is saved for it, its forward is recomputed in the backward pass.
+    remat_policy: with remat (ignored without), what else is kept: "" (nothing) or a name in
+      blocks.REMAT_POLICIES, e.g. "dots_with_no_batch_dims_saveable" (the matmul outputs) or
+      "offload_dot_with_no_batch_dims" (the same, moved to host memory; needs scan).
+    scan: run the depth blocks as one lax.scan over their stacked params (one block traced
+      and compiled, instead of depth); the params keep their per-block layout, blocks_{i}.
     guidance_embedding: a consistency-distilled (LCM) student: cond["guidance"] (B,), the
       classifier-free guidance scale w, is embedded as a timestep of 1000 w and added to the
       timestep embedding. The embedder's output layer starts at zero, so a student made from
@@ -121,6 +127,8 @@ class DiT(nn.Module):
   attention_impl: str = "xla"
   dtype: Any = "float32"
   remat: bool = False
+  remat_policy: str = ""
+  scan: bool = False
   guidance_embedding: bool = False
 
   @property
@@ -138,6 +146,13 @@ class DiT(nn.Module):
       )
     if self.null_caption not in ("learned", "frozen"):
       raise ValueError(f"null_caption must be 'learned' or 'frozen', got {self.null_caption!r}")
+    if self.remat_policy not in blocks.REMAT_POLICIES:
+      policies = sorted(name for name in blocks.REMAT_POLICIES if name)
+      raise ValueError(f"remat_policy must be '' or one of {policies}, got {self.remat_policy!r}")
+    if self.remat and self.remat_policy.startswith("offload") and not self.scan:
+      # Unrolled, the recomputation is ordered by arithmetic on the kept values (see
+      # blocks.remat_in_order), which would then run on host memory.
+      raise ValueError(f"remat_policy={self.remat_policy!r} needs scan=True")
     if self.hidden_size % self.num_heads:
       raise ValueError(
         f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
@@ -214,8 +229,7 @@ class DiT(nn.Module):
 
     conditioning = self._conditioning(t, cond, b, dtype)
     entry = BLOCKS[self.block]
-    block_cls = nn.remat(entry.block) if self.remat else entry.block
-    tokens = entry.stack(block_cls, self._block_settings(dtype), tokens, conditioning)
+    tokens = entry.stack(entry.block, self._block_settings(dtype), tokens, conditioning)
 
     final = entry.final_layer(d, p * p * self.out_channels, dtype, name="final_layer")
     out = final(tokens, conditioning.vector)
