@@ -5,11 +5,13 @@
    distance to that exact solution from the same x_T; stochastic ones (registry entries with
    deterministic=False: ddpm, euler_ancestral, dpmpp_2m_sde, lcm) by the error of the sample
    mean and variance, over many samples.
+   The flow samplers (dit.diffusion.flow_samplers) are scored the same way on the linear
+   (rectified-flow) path with the exact velocity of the same Gaussian data.
 2. Time per sample on a randomly initialised digits-sized DiT (16x16x1, patch 2, hidden 128,
    depth 4, 4 heads, 10 classes): `sample` jitted as one lax.scan, vs a Python loop calling a
    jitted step function (the same `plan.step`) once per step.
 
-  python benchmarks/samplers.py [--out benchmarks/results/samplers.json]
+  python benchmarks/samplers.py [--out benchmarks/results/samplers.json] [--analytic_only]
 Writes JSON and a PNG plot (same name, .png).
 """
 
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit.diffusion import samplers, schedules
+from dit.diffusion import flow, flow_samplers, samplers, schedules
 
 MU, VAR = 0.5, 0.25
 STEPS = (5, 10, 20, 40, 80, 160)
@@ -56,6 +58,31 @@ def analytic_errors(num: int) -> dict:
       rows.append(row)
     out[name] = rows
     print(name, [(r["nfe"], r.get("ode_rms_error", r["moment_error"])) for r in rows])
+  return out
+
+
+def flow_analytic_errors(num: int) -> dict:
+  """Error vs NFE of each flow sampler on the linear path (exact velocity of N(MU, VAR))."""
+  fl = flow.Flow()
+  model = flow.gaussian_model(fl, MU, VAR)
+  x_T = jax.random.normal(jax.random.key(0), (num, 1))
+  out = {}
+  for name, spec in flow_samplers.FLOW_SAMPLERS.items():
+    rows = []
+    for steps in STEPS:
+      settings = flow_samplers.FlowSamplerSettings(sampler=name, steps=steps)
+      plan = flow_samplers.build_plan(fl, settings)
+      run = jax.jit(functools.partial(flow_samplers.sample, model, flow=fl, settings=settings))
+      x = np.asarray(run(x_T, jax.random.key(1)), np.float64)
+      t0 = float(plan.infos["tau"][0])
+      exact = flow.gaussian_ode_solution(fl, x_T, t0, MU, VAR)
+      row = {"steps": steps, "nfe": plan.num_steps}
+      row["moment_error"] = float(abs(x.mean() - MU) + abs(x.var() - VAR))
+      if spec.deterministic:
+        row["ode_rms_error"] = float(np.sqrt(np.mean((x - exact) ** 2)))
+      rows.append(row)
+    out[name] = rows
+    print("flow", name, [(r["nfe"], r.get("ode_rms_error", r["moment_error"])) for r in rows])
   return out
 
 
@@ -129,13 +156,21 @@ def speed(batch: int, steps: int, repeats: int) -> list[dict]:
   return rows
 
 
-def plot(errors: dict, path: str) -> None:
+def plot(errors: dict, path: str, flow_errors: dict | None = None) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plt.subplots(1, 3 if flow_errors else 2, figsize=(18 if flow_errors else 12, 4.5))
+  for name, rows in (flow_errors or {}).items():
+    x = [r["nfe"] for r in rows]
+    key = "ode_rms_error" if flow_samplers.FLOW_SAMPLERS[name].deterministic else "moment_error"
+    axes[2].loglog(
+      x, [r[key] for r in rows], "o-", label=name + ("" if key[0] == "o" else " (moments)")
+    )
+  if flow_errors:
+    axes[2].set(xlabel="NFE", ylabel="RMS error vs exact ODE solution", title="flow samplers")
   for name, rows in errors.items():
     x = [r["nfe"] for r in rows]
     if not samplers.SAMPLERS[name].deterministic:
@@ -152,7 +187,10 @@ def plot(errors: dict, path: str) -> None:
   for ax in axes:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-  fig.suptitle(f"Gaussian data N({MU}, {VAR}), linear schedule T=1000, exact eps-predictor")
+  fig.suptitle(
+    f"Gaussian data N({MU}, {VAR}); exact eps-predictor on the linear schedule (T=1000), "
+    "exact velocity on the linear flow path"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 
@@ -164,12 +202,21 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--analytic_only", action="store_true", help="keep the speed rows of the existing --out"
+  )
   args = parser.parse_args()
 
   errors = analytic_errors(args.num)
-  timing = speed(args.batch, args.steps, args.repeats)
+  flow_errors = flow_analytic_errors(args.num)
+  if args.analytic_only:
+    with open(args.out) as f:
+      timing = json.load(f)["speed_digits_dit"]
+  else:
+    timing = speed(args.batch, args.steps, args.repeats)
   result = {
     "analytic": {"mu": MU, "var": VAR, "num_samples": args.num, "errors": errors},
+    "flow_analytic": {"path": "linear", "target": "velocity", "errors": flow_errors},
     "speed_digits_dit": timing,
     "device": str(jax.devices()[0]),
     "platform": platform.platform(),
@@ -179,7 +226,7 @@ def main() -> None:
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-  plot(errors, os.path.splitext(args.out)[0] + ".png")
+  plot(errors, os.path.splitext(args.out)[0] + ".png", flow_errors)
   print("wrote", args.out)
 
 

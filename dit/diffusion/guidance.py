@@ -43,10 +43,12 @@ def sigma_at(schedule: Schedule, t: Array) -> Array:
   return jnp.interp(t, jnp.arange(schedule.T, dtype=jnp.float32), schedule.sigmas)
 
 
-def check_interval(interval, schedule: Schedule | None) -> None:
+def check_interval(interval, schedule: Schedule | None, sigma_fn=None) -> None:
   lo, hi = interval
   if not lo < hi or lo < 0:
     raise ValueError(f"guidance interval must satisfy 0 <= lo < hi, got {interval}")
+  if sigma_fn is not None:
+    return
   if schedule is None:
     raise ValueError("a guidance interval needs the schedule (to map timesteps to sigmas)")
   if _concrete(schedule.sigmas):
@@ -67,6 +69,7 @@ def cfg_denoise(
   interval: tuple[float, float] | None = None,
   schedule: Schedule | None = None,
   rescale: float = 0.0,
+  sigma_fn: Callable[[Array], Array] | None = None,
 ) -> Callable[[Array, Array], Array]:
   """denoise(x, t) applying classifier-free guidance with one model call on a batch of 2B.
 
@@ -76,11 +79,12 @@ def cfg_denoise(
     cond: the conditioning for B rows (e.g. {"label": (B,)}), or None.
     scale: guidance scale w (1 = no guidance; the batch is then not doubled), or one per
       row, (B,) (consistency distillation samples w per example).
-    interval: optional (sigma_lo, sigma_hi), see the module docstring; needs `schedule`.
+    interval: optional (sigma_lo, sigma_hi), see the module docstring; needs `schedule`,
+      or `sigma_fn(t) -> k-sigma` for models on another time axis (flow matching).
     rescale: guidance rescale phi in [0, 1].
   """
   if interval is not None:
-    check_interval(interval, schedule)
+    check_interval(interval, schedule, sigma_fn)
   if not 0.0 <= rescale <= 1.0:
     raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
 
@@ -107,7 +111,7 @@ def cfg_denoise(
       ratio = jnp.where(std_g > 0, std_c / jnp.where(std_g > 0, std_g, 1.0), 1.0)
       guided = rescale * guided * ratio + (1.0 - rescale) * guided
     if interval is not None:
-      sig = sigma_at(schedule, t)
+      sig = sigma_fn(t) if sigma_fn is not None else sigma_at(schedule, t)
       on = (sig >= interval[0]) & (sig <= interval[1])
       guided = jnp.where(on.reshape((b,) + (1,) * (x.ndim - 1)), guided, pc)
     return jnp.concatenate([guided, out_c[..., c:]], axis=-1)
