@@ -1,5 +1,11 @@
 """Checkpoints: the one Orbax module. A workdir holds `config.json` and `ckpt/<step>/`.
 
+The workdir contract of every command (`command_config`): `--workdir` alone runs with
+`config.json`; `--config` (or `--config.KEY=VALUE` overrides) on a workdir that has one is
+compared with it field by field. Changes dit.train accepts on resume are appended to
+`config_history.jsonl` (`record_config_history`), so config.json always holds the config of
+the latest start and the history every change before it.
+
 Every checkpoint is a Composite of three items, committed together (atomically):
   state      the whole training state (`new_state`): step, params, ema_params, opt_state, rng
              and the non-finite step counters, in unstacked, unsharded shapes, so it restores
@@ -42,7 +48,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dit import parallel
-from dit.cli import UserError
+from dit.cli import UserError, apply_overrides, config_diffs
 
 State = dict[str, Any]
 
@@ -104,6 +110,108 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path} is not a readable config.json ({e}); pass --config.") from e
   config.lock()
   return config
+
+
+CONFIG_HISTORY = "config_history.jsonl"
+# Keys that change how a model computes, not what its parameters mean: free at sampling time.
+COMPUTE_ONLY_KEYS = (
+  "model.dtype",
+  "model.remat",
+  "model.remat_policy",
+  "model.scan",
+  "model.attention_impl",
+)
+
+
+def _saved_config(workdir: str | None) -> dict | None:
+  path = os.path.join(workdir, "config.json") if workdir else None
+  if path is None or not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def config_changes(old: dict, new: dict, sections=None, ignore=()) -> list[tuple[str, Any, Any]]:
+  """(dotted key, old, new) of the leaves that differ, in `sections` (default: all); a key
+  that a newer config added, left empty (None or ""), is no change."""
+  sections = sorted(set(old) | set(new)) if sections is None else sections
+  return [
+    (key, a, b)
+    for key, a, b in config_diffs(old, new, sections, ignore=ignore)
+    if not (a is None and b in ("", None))
+  ]
+
+
+def describe_changes(changes) -> str:
+  """ "key old -> new; ..." for a console line."""
+  return "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def command_config(
+  workdir: str | None,
+  config: ml_collections.ConfigDict | None = None,
+  overrides=(),
+  fixed: tuple[str, ...] = (),
+  ignore: tuple[str, ...] = COMPUTE_ONLY_KEYS,
+) -> tuple[ml_collections.ConfigDict, list[tuple[str, Any, Any]]]:
+  """The config a command runs with, and how it differs from workdir/config.json.
+
+  config: --config (with its overrides, applied by config_flags); None: workdir/config.json
+  with `overrides` ("key=value": --config.KEY=VALUE given without --config).
+  fixed: sections (e.g. "model", "diffusion") that must equal config.json's, in the keys both
+  have (keys in `ignore` may differ), else a UserError lists the differences.
+  Returns (config, [(key, config.json's value, the config's value)]; [] without config.json).
+  """
+  if config is None:
+    if workdir is None:
+      raise UserError("Give --workdir (it holds config.json) or --config.")
+    config = apply_overrides(read_config(workdir), list(overrides))
+  saved = _saved_config(workdir)
+  if saved is None:
+    return config, []
+  new = json.loads(config.to_json_best_effort())
+  differ = config_changes(_common(saved, new), _common(new, saved), fixed, ignore)
+  if differ:
+    raise UserError(
+      f"The config changes the model of {workdir}/config.json, which its checkpoints were "
+      f"trained with: {describe_changes(differ)}; use the trained model's settings (leave out "
+      "--config and these overrides)."
+    )
+  return config, config_changes(saved, new)
+
+
+def _common(a: dict, b: dict) -> dict:
+  """`a` without the keys `b` lacks, at every level (configs of other code versions)."""
+  return {k: _common(v, b[k]) if isinstance(v, dict) and isinstance(b[k], dict) else v
+          for k, v in a.items() if k in b}  # fmt: skip
+
+
+def record_config_history(workdir: str, step: int, changes=(), **fields) -> str:
+  """Appends {"step", "time", "changes": {key: [old, new]}, **fields} to the workdir's
+  config_history.jsonl (process 0); returns its path."""
+  path = os.path.join(workdir, CONFIG_HISTORY)
+  if jax.process_index() == 0:
+    row = {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if changes:
+      row["changes"] = {key: [old, new] for key, old, new in changes}
+    with open(path, "a") as f:
+      f.write(json.dumps({**row, **fields}) + "\n")
+  return path
+
+
+def read_config_history(workdir: str) -> list[dict]:
+  """The rows of workdir/config_history.jsonl ([] if there is none); torn lines are skipped."""
+  path = os.path.join(workdir, CONFIG_HISTORY)
+  if not os.path.isfile(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
 
 
 # ---- The state ------------------------------------------------------------------------
@@ -505,8 +613,11 @@ def restore(
   return restored
 
 
-def restore_params(workdir: str, abstract_params: dict, use_ema: bool = True) -> dict:
-  """The EMA (or raw) params of the newest readable, verified checkpoint in `workdir/ckpt`.
+def restore_params(
+  workdir: str, abstract_params: dict, use_ema: bool = True, step: int | None = None
+) -> dict:
+  """The EMA (or raw) params of the newest readable, verified checkpoint in `workdir/ckpt`
+  (of `step`, if given: then a damaged step is an error, not skipped).
 
   Restored as saved (no optimizer needed, so converted checkpoints of models dit.train cannot
   initialise load too), verified like `restore` (a damaged step is skipped with a warning,
@@ -517,10 +628,17 @@ def restore_params(workdir: str, abstract_params: dict, use_ema: bool = True) ->
   if not os.path.isdir(ckpt_dir):
     raise UserError(f"No checkpoints in {workdir!r} (expected {ckpt_dir}); train first.")
   mngr = ocp.CheckpointManager(ckpt_dir, item_handlers=_handlers())
+  if step is not None and step not in mngr.all_steps():
+    raise UserError(f"{ckpt_dir} has no step {step} (it has {sorted(mngr.all_steps())}).")
   try:
-    state, _ = _newest_readable(mngr, lambda step: _restore_verified(mngr, step, None)[0])
+    if step is None:
+      state, _ = _newest_readable(mngr, lambda n: _restore_verified(mngr, n, None)[0])
+    else:
+      state = _restore_verified(mngr, step, None)[0]
   except UserError as e:
     raise UserError(f"No readable checkpoint in {ckpt_dir} ({e}).") from e
+  except Exception as e:  # Orbax raises many types for a damaged step.
+    raise UserError(f"Checkpoint step {step} in {ckpt_dir} {_reason(e)}.") from e
   if state is None:
     raise UserError(f"No readable checkpoint in {ckpt_dir} (none).")
   params = state["ema_params" if use_ema else "params"]

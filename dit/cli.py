@@ -1,9 +1,12 @@
-"""Command-line plumbing shared by the `dit.*` commands: flags, configs, clean errors.
+"""Command-line plumbing shared by the `dit.*` commands: flags, configs, help, clean errors.
 
 Configs come from `--config=configs/x.py[:arg]` with `--config.key=value` overrides
-(ml_collections config_flags). A bad flag or a user error ends the program with one
-line on stderr and exit code 2, not a traceback; non-finite numbers that stop a command
-(a diverged run) end it with one line and exit code 3.
+(ml_collections config_flags), or, without --config, from the workdir's config.json with the
+same `--config.key=value` overrides (`workdir_overrides`, applied by the command). A bad flag
+or a user error ends the program with one line on stderr and exit code 2, not a traceback;
+non-finite numbers that stop a command (a diverged run) end it with one line and exit code 3.
+`-h` / `--help` prints the command's own flags (with defaults) and exits 0; `--helpfull`
+adds the libraries' flags. `--config_keys` prints every key of the config and exits 0.
 
 Scripts that build configs themselves (experiments/, benchmarks/) use the same two
 builders: `load_config("path.py[:arg]")` and `apply_overrides(config, ["a.b=1", ...])`.
@@ -13,15 +16,18 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import importlib.util
 import os
 import sys
+import textwrap
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 # "dotted.key=value" strings, or {dotted key: value} (values taken as they are).
 Overrides = Sequence[str] | Mapping[str, Any]
@@ -256,6 +262,110 @@ def apply_overrides(
   return config
 
 
+# ---- Commands: the shared flags, help, --config_keys -------------------------------------
+
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort")
+# --config.KEY=VALUE given without --config: overrides of the workdir's config.json.
+_workdir_overrides: list[str] = []
+
+
+def define_config_flags(
+  flag_values: flags.FlagValues = flags.FLAGS, workdir_help: str = "The run's directory."
+) -> None:
+  """--config, --workdir and --config_keys: the flags every command shares."""
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file, configs/NAME.py[:ARG]; default: WORKDIR/config.json (the run's own). Set any "
+    "key with --config.KEY=VALUE (also without --config: then on WORKDIR/config.json).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_string("workdir", None, workdir_help, flag_values=flag_values)
+  flags.DEFINE_bool(
+    "config_keys",
+    False,
+    "Print every config key (of --config, else WORKDIR/config.json) with its value, and exit.",
+    flag_values=flag_values,
+  )
+
+
+def workdir_overrides() -> list[str]:
+  """The "key=value" overrides given as --config.KEY=VALUE without --config (for config.json)."""
+  return list(_workdir_overrides)
+
+
+def _take_workdir_overrides(argv: list[str]) -> list[str]:
+  """argv without its --config.KEY=VALUE items when no --config is given (they are kept in
+  `workdir_overrides`); config_flags handles them itself when --config is given."""
+  _workdir_overrides.clear()
+  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    return argv
+  rest = [argv[0]]
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":  # Positional arguments follow.
+      return rest + argv[i:]
+    if arg.startswith("--config."):
+      key, sep, value = arg[len("--config.") :].partition("=")
+      _workdir_overrides.append(f"{key}={value if sep else 'True'}")
+    else:
+      rest.append(arg)
+  return rest
+
+
+def config_keys_text(config: ml_collections.ConfigDict, source: str = "") -> str:
+  """Every leaf of `config` as "dotted.key = value", one per line (for --config_keys)."""
+  lines = [f"# config keys{f' of {source}' if source else ''}; set any with --config.KEY=VALUE"]
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        lines.append(f"{prefix}{key} = {value!r}")
+
+  walk(config, "")
+  return "\n".join(lines)
+
+
+def _flag_line(flag) -> str:
+  """One flag of a help text: its name, its value's form and its default, then its help."""
+  kind = flag.flag_type()
+  if isinstance(flag, flags.BooleanFlag):
+    name = f"--[no]{flag.name}"
+  else:
+    form = {"int": "INT", "float": "FLOAT", "multi string": "TEXT (repeatable)"}.get(kind)
+    name = f"--{flag.name}={form or ('A,B,...' if 'list' in kind else 'TEXT')}"
+  default = flag.default
+  if flag.name == "config":
+    default = "WORKDIR/config.json"
+  elif default is None:
+    default = "none"
+  elif isinstance(default, bool):
+    default = str(default).lower()
+  elif isinstance(default, list):
+    default = ",".join(map(str, default))
+  text = f"{flag.help.split(';' + chr(10))[0]} (default: {default})"
+  body = textwrap.fill(text, 96, initial_indent="      ", subsequent_indent="      ")
+  return f"  {name}\n{body}"
+
+
+def help_text(
+  doc: str, flag_values: flags.FlagValues, names: Sequence[str], notes: str = ""
+) -> str:
+  """A command's --help: its docstring, its own flags (`names`) with defaults, `notes`."""
+  flag_lines = [_flag_line(flag_values[n]) for n in names if n in flag_values]
+  parts = [doc.strip(), "Flags:\n" + "\n".join(flag_lines)]
+  if notes:
+    parts.append(notes.strip())
+  footer = (
+    "Config keys: --config_keys prints every key of the config (of --config, else "
+    "WORKDIR/config.json) with its value; --config.KEY=VALUE sets one. The libraries' own "
+    "flags (absl, ...): --helpfull."
+  )
+  parts.append(textwrap.fill(footer, 100))
+  return "\n\n".join(parts) + "\n"
+
+
 def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is not None:
@@ -271,10 +381,22 @@ def _explain_flag_error(argv: Sequence[str], error: Exception) -> str:
   return str(error).strip()
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(
+  argv: list[str],
+  flag_values: flags.FlagValues = flags.FLAGS,
+  help: Callable[[], str] | None = None,
+) -> list[str]:
+  """Parses `argv` into `flag_values` (the commands' flags_parser): prints `help()` and exits
+  0 for -h/--help; a bad flag or config is one line on stderr and exit 2."""
+  if help is not None and any(a in HELP_ARGS for a in argv[1:]):
+    print(help(), end="")
+    sys.exit(0)
+  if help is not None and "--helpfull" in argv[1:]:  # Every flag, the libraries' too.
+    print(flag_values.get_help())
+    sys.exit(0)
   try:
-    rest = flags.FLAGS(argv)
-    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    rest = flag_values(_take_workdir_overrides(list(argv)))
+    config = flag_values["config"].value if "config" in flag_values else None
     if config is not None and not isinstance(config, ml_collections.ConfigDict):
       # config_flags defers a failed load (e.g. a missing file) to the first read of a field.
       raise ValueError(f"--config could not be loaded: {type(config).__name__}")
@@ -295,21 +417,38 @@ def _ignore_abandoned_orbax_reads(unraisable) -> None:
   sys.__unraisablehook__(unraisable)
 
 
-def run_command(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run` with one-line errors: bad flags and `UserError`s exit with 2, a
-  FloatingPointError (a run that diverged, non-finite samples) with 3."""
+def call_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  """main(argv) with one-line errors: a `UserError` exits with 2, a FloatingPointError (a run
+  that diverged, non-finite samples) with 3."""
+  try:
+    main(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except FloatingPointError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(3)
+
+
+def run_command(
+  main: Callable[[list[str]], None],
+  define_flags: Callable[[], None] | None = None,
+  doc: str = "",
+  notes: Callable[[], str] | None = None,
+) -> None:
+  """`absl.app.run` of `main` with one-line errors (`call_main`) and, given the command's
+  `define_flags`, a --help of the flags it defines (`doc` first, then `notes()`)."""
+  help = None
+  if define_flags is not None:
+    before = set(flags.FLAGS)
+    define_flags()
+    own = [name for name in flags.FLAGS if name not in before]
+    help = lambda: help_text(doc, flags.FLAGS, own, notes() if notes else "")
 
   def wrapped(argv):
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
       logging.set_verbosity(logging.WARNING)  # Keep the console for the progress bar.
     sys.unraisablehook = _ignore_abandoned_orbax_reads
-    try:
-      main(argv)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except FloatingPointError as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-      sys.exit(3)
+    call_main(main, argv)
 
-  app.run(wrapped, flags_parser=_parse_flags)
+  app.run(wrapped, flags_parser=functools.partial(parse_flags, help=help))

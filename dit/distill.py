@@ -32,7 +32,7 @@ from dit.diffusion import consistency
 
 # Model fields that may differ between teacher and student: how the same network is
 # computed, not what it is.
-COMPUTE_FIELDS = ("dtype", "remat", "attention_impl", "guidance_embedding")
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "scan", "attention_impl", "guidance_embedding")
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -43,6 +43,11 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for distill settings that cannot work, naming the value."""
   d = config.distill
+  if "flow" in config or "diffusion" not in config:
+    raise UserError(
+      "Consistency distillation (config.distill) distils discrete-time diffusion models "
+      "(a config.diffusion section); flow-matching models (config.flow) are not supported."
+    )
   if not d.teacher_workdir:
     raise UserError(
       "config.distill.teacher_workdir is empty; set --config.distill.teacher_workdir=DIR to "

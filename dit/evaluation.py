@@ -16,6 +16,7 @@ classes spread evenly over the samples.
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 
 from dit import fid_stats, generate, metrics
 from dit.cli import UserError
+from dit.diffusion import flow, flow_samplers, samplers, schedules
 
 
 def generate_samples(config, model, params, key, num: int, batch_size: int):
@@ -126,3 +128,29 @@ def fid_metrics(config, images: np.ndarray, labels: np.ndarray | None = None) ->
 
 # config.eval.metric -> metrics(config, images (N, H, W, C) in [-1, 1], labels (N,)) -> dict.
 METRICS = {"digits": digits_metrics, "fid": fid_metrics}
+
+
+def config_choices() -> dict[str, tuple[str, ...]]:
+  """The valid values of the config's enumerated keys (for the commands' --help)."""
+  return {
+    "sample.sampler (diffusion)": tuple(samplers.SAMPLERS),
+    "sample.sampler (flow)": tuple(flow_samplers.FLOW_SAMPLERS),
+    "diffusion.schedule": schedules.BETA_SCHEDULES,
+    "diffusion.prediction": schedules.PREDICTIONS,
+    "flow.interpolant": flow.INTERPOLANTS,
+    "flow.target": flow.TARGETS,
+    "flow.time_sampler": flow.TIME_SAMPLERS,
+    "eval.metric": tuple(METRICS),
+    "optim.schedule": ("constant", "cosine"),
+    "parallelism": ("pmap", "mesh"),
+  }
+
+
+def choices_text(keys: tuple[str, ...] | None = None) -> str:
+  """ "Valid values of enumerated config keys:" lines for `keys` (default: all)."""
+  choices = config_choices()
+  lines = ["Valid values of enumerated config keys:"]
+  for key in keys or tuple(choices):
+    text = f"{key}: {', '.join(choices[key])}"
+    lines.append(textwrap.fill(text, 100, initial_indent="  ", subsequent_indent="    "))
+  return "\n".join(lines)

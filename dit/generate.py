@@ -3,23 +3,30 @@
 The library under `dit.sample` (and `dit.evaluate`, the train loop's sample grids, the
 experiments and notebooks):
 
-  model, params = load_params(config, workdir)             # EMA params of the newest step
+  config, model, params = load(workdir)                    # config.json, EMA params
   cond, per_row = sample_cond(config, 16, prompts=None, labels=[3])
   x = generate(config, model, params, cond, key, 16, sampler="dpmpp_2m", steps=20)
   save_grid(decode(config, x), "grid.png", nrow=per_row)
+  # img2img / inpainting: start from images (model space), keep the mask == 1 region.
+  x = generate(config, model, params, cond, key, 16, x_init=x, strength=0.6, mask=None)
 
 Conditioning: class labels, text through T5 (config.text.t5_path; "" = the offline demo
 encoder), and the null condition for classifier-free guidance (cond["drop"]). Latent models
 are decoded with the VAE of config.vae.path. The whole sampling loop is one jitted
-`lax.scan` (dit.diffusion.samplers); guidance runs the conditional and unconditional halves
-as one batch.
+`lax.scan` (dit.diffusion.samplers, or dit.diffusion.flow_samplers for flow-matching
+models); guidance (with rescale and an interval) runs the conditional and unconditional
+halves as one batch. Every input is checked before anything is compiled (labels within the
+model's classes, one condition row per sample, editing images of the model's size, a
+sampler the model can use), with errors in the caller's terms.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 
 import jax
@@ -30,28 +37,72 @@ from PIL import Image
 
 from dit import checkpoint
 from dit.cli import UserError
-from dit.diffusion import guidance, samplers, schedules
+from dit.diffusion import editing, flow_samplers, guidance, samplers, schedules
+from dit.diffusion import flow as flow_lib
 from dit.models import dit as dit_model
 
 # ---- Sampling ----------------------------------------------------------------------------
 
 
-@functools.partial(
-  jax.jit, static_argnames=("model", "shape", "settings", "prediction", "learn_sigma")
-)
+_STATIC = ("model", "shape", "settings", "prediction", "learn_sigma", "flow", "edit", "guide")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(
-  params, cond, key, schedule, cfg_scale, *, model, shape, settings, prediction, learn_sigma
+  params,
+  cond,
+  key,
+  schedule,
+  cfg_scale,
+  x_init,
+  mask,
+  *,
+  model,
+  shape,
+  settings,
+  prediction,
+  learn_sigma,
+  flow,
+  edit,
+  guide,
 ):
   noise_key, sample_key = jax.random.split(key)
   x_T = jax.random.normal(noise_key, shape, jnp.float32)
-  denoise = make_denoise(model, params, cond, cfg_scale, shape[0])
+  rescale, interval = guide
+  sigma_fn = flow.k_sigma if flow is not None else None
+  denoise = make_denoise(
+    model, params, cond, cfg_scale, shape[0], rescale, interval, schedule, sigma_fn
+  )
+  edits = dict(x_init=x_init, strength=edit, mask=mask)
+  if flow is not None:  # Variance channels of a learn_sigma layout (SiT) are unused.
+    model_fn = lambda x, t: denoise(x, t)[..., : shape[-1]]
+    return flow_samplers.sample(model_fn, x_T, sample_key, flow, settings, **edits)
   return samplers.sample(
-    denoise, x_T, sample_key, schedule, settings, prediction=prediction, learn_sigma=learn_sigma
+    denoise,
+    x_T,
+    sample_key,
+    schedule,
+    settings,
+    prediction=prediction,
+    learn_sigma=learn_sigma,
+    **edits,
   )
 
 
-def make_denoise(model, params, cond: dict | None, cfg_scale, batch: int) -> samplers.Denoise:
-  """`denoise(x, t)` of `model` on `cond`: with classifier-free guidance at `cfg_scale`.
+def make_denoise(
+  model,
+  params,
+  cond: dict | None,
+  cfg_scale,
+  batch: int,
+  rescale: float = 0.0,
+  interval: tuple[float, float] | None = None,
+  schedule: schedules.Schedule | None = None,
+  sigma_fn=None,
+) -> samplers.Denoise:
+  """`denoise(x, t)` of `model` on `cond`: with classifier-free guidance at `cfg_scale`
+  (guidance rescale phi `rescale`; guidance only for k-sigmas in `interval`, mapped from t by
+  `schedule`, or by `sigma_fn` for flow models).
 
   A consistency-distilled student (model.guidance_embedding) learnt the guided teacher: the
   scale is its input and each step is one unguided pass.
@@ -65,7 +116,10 @@ def make_denoise(model, params, cond: dict | None, cfg_scale, batch: int) -> sam
     return lambda x, t: model_fn(x, t, guided)
   if cond is None:
     return lambda x, t: model_fn(x, t, None)
-  return guidance.cfg_denoise(model_fn, cond, cfg_scale)
+  return guidance.cfg_denoise(
+    model_fn, cond, cfg_scale, interval=interval, schedule=schedule, rescale=rescale,
+    sigma_fn=sigma_fn,
+  )  # fmt: skip
 
 
 def check_scale(name: str, value) -> float:
@@ -90,17 +144,48 @@ def check_sample_config(config: ml_collections.ConfigDict, cfg_scale=None, eta=N
       check_scale(f"config.sample.{key}", config.sample[key])
 
 
-def sampler_settings(config: ml_collections.ConfigDict, **overrides) -> samplers.SamplerSettings:
-  """The sampler settings of config.sample (and config.distill), with non-None overrides.
+def sampler_settings(
+  config: ml_collections.ConfigDict, **overrides
+) -> samplers.SamplerSettings | flow_samplers.FlowSamplerSettings:
+  """The sampler settings of config.sample (and config.distill), with non-None overrides:
+  `FlowSamplerSettings` for a flow-matching model (config.flow), else `SamplerSettings`.
 
   Bad settings are a UserError naming the value and the valid ones (a non-finite or
-  negative eta too).
+  negative eta too); a sampler of the other family names both.
   """
+  sampler = overrides.get("sampler") or config.sample.sampler
+  if flow_lib.is_flow(config):
+    if overrides.get("karras"):
+      raise UserError(
+        "Karras sigmas are a setting of the diffusion samplers; this is a flow-matching model "
+        "(config.flow): leave out --karras (its grids: config.sample.spacing, shift)."
+      )
+    if sampler not in flow_samplers.FLOW_SAMPLERS:
+      raise UserError(
+        f"This is a flow-matching model (config.flow) and {sampler!r} is not a flow sampler"
+        + (" (it samples discrete-time diffusion models)" if sampler in samplers.SAMPLERS else "")
+        + f"; flow samplers: {', '.join(flow_samplers.FLOW_SAMPLERS)}."
+      )
+    try:
+      return flow_samplers.FlowSamplerSettings.from_config(config, **overrides)
+    except (TypeError, ValueError) as e:
+      raise UserError(str(e)) from e
+  if sampler in flow_samplers.FLOW_SAMPLERS and sampler not in samplers.SAMPLERS:
+    raise UserError(
+      f"{sampler!r} is a flow-matching sampler and this is a discrete-time diffusion model "
+      f"(config.diffusion); its samplers: {', '.join(samplers.SAMPLERS)}."
+    )
+  if sampler == "lcm" and "distill" not in config and not config.model.get("guidance_embedding"):
+    raise UserError(
+      "The lcm sampler needs a consistency-distilled model (a config with a distill section, "
+      "e.g. configs/digits_lcm.py); this model was not distilled and would give noise. Its "
+      f"samplers: {', '.join(s for s in samplers.SAMPLERS if s != 'lcm')}."
+    )
   eta = overrides.get("eta")
   check_scale(
     "eta" if eta is not None else "config.sample.eta", config.sample.eta if eta is None else eta
   )
-  steps, sampler = overrides.get("steps"), overrides.get("sampler") or config.sample.sampler
+  steps = overrides.get("steps")
   T = config.diffusion.num_timesteps
   if steps is not None and not 1 <= steps <= T:
     raise UserError(f"--steps must be in [1, {T}], got {steps}.")
@@ -126,33 +211,168 @@ def generate(
   schedule: schedules.Schedule | None = None,
   settings: samplers.SamplerSettings | None = None,
   cfg_scale: float | None = None,
+  x_init=None,
+  strength: float = 1.0,
+  mask=None,
+  guidance_rescale: float = 0.0,
+  guidance_interval: tuple[float, float] | None = None,
   **overrides,
 ) -> jax.Array:
   """Samples `num` images (num, H, W, C) in [-1, 1]; `cond` holds (num, ...) arrays.
 
   settings: the sampler settings; default `sampler_settings(config, **overrides)` (e.g.
-  sampler="dpmpp_2m", steps=20). Latent models (config.vae.path set) return the unclipped
-  latents; see `decode`. Students of consistency distillation get cfg_scale as an input
-  instead of guidance, and the LCM sampler uses their distillation grid (config.distill).
+  sampler="dpmpp_2m", steps=20, karras=True). Latent models (config.vae.path set) return the
+  unclipped latents; see `decode`. Students of consistency distillation get cfg_scale as an
+  input instead of guidance, and the LCM sampler uses their distillation grid (config.distill).
+  x_init, strength: img2img from x_init ((num or 1, H, W, C) in model space: pixels in [-1, 1],
+    or latents, see `encode`), re-sampling the last `strength` in (0, 1] of the grid.
+  mask: inpainting, (num or 1, H, W, 1 or C), 1 = keep x_init, 0 = generate; needs x_init.
+  guidance_rescale: phi in [0, 1] (Lin et al. 2024); guidance_interval: (lo, hi) k-sigmas
+    (EDM units) outside which guidance is off (Kynkaanniemi et al. 2024).
+  Both model families (diffusion and flow matching) take every option. Bad inputs are a
+  UserError naming them, before anything is compiled.
   """
   if settings is None:
     settings = sampler_settings(config, **overrides)
   if cfg_scale is None:
     cfg_scale = check_scale("config.sample.cfg_scale", config.sample.cfg_scale)
   m = config.model
+  flow = flow_lib.from_config(config) if flow_lib.is_flow(config) else None
+  if flow is None and schedule is None:
+    schedule = schedules.from_config(config.diffusion)
+  x_init, mask, guide = check_inputs(
+    config, cond, num, settings, model=model, schedule=schedule, x_init=x_init,
+    strength=strength, mask=mask, guidance_rescale=guidance_rescale,
+    guidance_interval=guidance_interval,
+  )  # fmt: skip
   images = _generate(
     params,
     cond,
     key,
-    schedule if schedule is not None else schedules.from_config(config.diffusion),
+    schedule,
     check_scale("cfg_scale", cfg_scale),
+    x_init,
+    mask,
     model=model,
     shape=(num, m.input_size, m.input_size, m.in_channels),
     settings=settings,
-    prediction=config.diffusion.prediction,
+    prediction=None if flow else config.diffusion.prediction,
     learn_sigma=m.learn_sigma,
+    flow=flow,
+    edit=float(strength),
+    guide=guide,
   )
   return images if vae_path(config) else jnp.clip(images, -1.0, 1.0)
+
+
+def check_inputs(
+  config: ml_collections.ConfigDict,
+  cond: dict | None,
+  num: int,
+  settings,
+  *,
+  model=None,
+  schedule: schedules.Schedule | None = None,
+  x_init=None,
+  strength: float = 1.0,
+  mask=None,
+  guidance_rescale: float = 0.0,
+  guidance_interval=None,
+) -> tuple:
+  """(x_init, mask, guidance options) of a `generate` call, checked: call it before reading a
+  checkpoint to refuse bad inputs at once (dit.sample does; generate calls it too)."""
+  m = config.model
+  if model is None:
+    model = dit_model.build_model(m)
+  flow = flow_lib.from_config(config) if flow_lib.is_flow(config) else None
+  if flow is None and schedule is None:
+    schedule = schedules.from_config(config.diffusion)
+  check_cond(config, cond, num)
+  shape = (num, m.input_size, m.input_size, m.in_channels)
+  x_init, mask = check_edit(shape, x_init, strength, mask, settings.steps)
+  rescale, interval = guidance_rescale, guidance_interval
+  guide = check_guidance(model.guidance_embedding, cond, rescale, interval, schedule, flow)
+  return x_init, mask, guide
+
+
+def check_cond(config: ml_collections.ConfigDict, cond: dict | None, num) -> None:
+  """UserError unless `cond` has one row per sample and its labels are the model's classes."""
+  if isinstance(num, bool) or not isinstance(num, int | np.integer) or num < 1:
+    raise UserError(f"The number of samples must be a positive integer, got {num!r}.")
+  for name, value in (cond or {}).items():
+    rows = jnp.shape(value)[0] if jnp.ndim(value) else None
+    if rows != num:
+      raise UserError(
+        f"cond[{name!r}] has {'no' if rows is None else rows} rows for {num} samples: give one "
+        "per sample (sample_cond and --labels / --prompt repeat them to the number of samples)."
+      )
+  label = (cond or {}).get("label")
+  if label is None or isinstance(label, jax.core.Tracer):
+    return
+  n = config.model.num_classes
+  values = np.asarray(label)
+  if not n:
+    raise UserError("cond['label']: this model has no classes (config.model.num_classes=0).")
+  bad = sorted({int(v) for v in values[(values < 0) | (values >= n)]})
+  if bad:
+    raise UserError(
+      f"Labels {bad} are outside this model's classes [0, {n}) (config.model.num_classes={n})."
+    )
+
+
+def check_edit(shape: tuple[int, ...], x_init, strength, mask, steps: int):
+  """(x_init, mask) broadcast to the sample `shape`, checked: UserErrors in the caller's terms."""
+  if x_init is None:
+    if mask is not None or strength != 1.0:
+      raise UserError("img2img (strength < 1) and inpainting (a mask) need an initial image.")
+    return None, None
+  x_init = jnp.asarray(x_init, jnp.float32)
+  x_init = x_init[None] if x_init.ndim == 3 else x_init
+  n, size = shape[0], "x".join(map(str, shape[1:]))
+  if tuple(x_init.shape[1:]) != shape[1:] or x_init.shape[0] not in (1, n):
+    raise UserError(
+      f"The initial image has shape {tuple(x_init.shape)}; this model makes {size} (H x W x C) "
+      f"images, so it needs ({n} or 1, {', '.join(map(str, shape[1:]))})."
+    )
+  try:
+    editing.img2img_start(steps, float(strength))
+  except (TypeError, ValueError) as e:
+    raise UserError(f"img2img: {e}.") from e
+  if mask is not None:
+    mask = jnp.asarray(mask, jnp.float32)
+    mask = mask[None] if mask.ndim == 3 else mask
+    ok = mask.ndim == 4 and mask.shape[0] in (1, n) and mask.shape[1:3] == shape[1:3]
+    if not ok or mask.shape[3] not in (1, shape[3]):
+      raise UserError(
+        f"The inpainting mask has shape {tuple(mask.shape)}; it needs ({n} or 1, {shape[1]}, "
+        f"{shape[2]}, 1 or {shape[3]}): the model's image size."
+      )
+  return jnp.broadcast_to(x_init, shape), mask
+
+
+def check_guidance(guidance_embedding: bool, cond, rescale, interval, schedule, flow) -> tuple:
+  """(rescale, interval) checked, as the static argument of the sampler's program."""
+  rescale = float(rescale or 0.0)
+  interval = None if interval is None else tuple(float(v) for v in interval)
+  if not rescale and interval is None:
+    return 0.0, None
+  if guidance_embedding:
+    raise UserError(
+      "Guidance rescale and interval need classifier-free guidance; this consistency-distilled "
+      "model takes the guidance scale as an input instead."
+    )
+  if cond is None:
+    raise UserError("Guidance rescale and interval need a conditional model (labels or text).")
+  if not 0.0 <= rescale <= 1.0:
+    raise UserError(f"The guidance rescale must be in [0, 1], got {rescale}.")
+  if interval is not None:
+    if len(interval) != 2:
+      raise UserError(f"The guidance interval is two k-sigmas lo,hi; got {interval}.")
+    try:
+      guidance.check_interval(interval, schedule, flow.k_sigma if flow else None)
+    except ValueError as e:
+      raise UserError(f"{e}.") from e
+  return rescale, interval
 
 
 # ---- Text and latents --------------------------------------------------------------------
@@ -312,6 +532,24 @@ def decode(config: ml_collections.ConfigDict, x: jax.Array) -> jax.Array:
   return _load_vae(resolve_vae_dir(vae_path(config))).decode(x)
 
 
+def encode(config: ml_collections.ConfigDict, images) -> jax.Array:
+  """Images in [-1, 1] -> model space (x_init of `generate`): VAE latents, or the pixels."""
+  if not vae_path(config):
+    return jnp.asarray(images, jnp.float32)
+  check_model_dirs(config)
+  return _load_vae(resolve_vae_dir(vae_path(config))).encode(jnp.asarray(images, jnp.float32))
+
+
+def pixel_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(side in pixels, channels) of the model's images: its input, or the VAE's decoded size."""
+  m = config.model
+  if not vae_path(config):
+    return m.input_size, m.in_channels
+  check_model_dirs(config)
+  vae = _load_vae(resolve_vae_dir(vae_path(config)))
+  return m.input_size * vae.config.downsample_factor, vae.config.in_channels
+
+
 @functools.lru_cache(maxsize=2)
 def _load_vae(path: str):
   from dit.models import vae as vae_lib
@@ -320,6 +558,84 @@ def _load_vae(path: str):
     return vae_lib.VAE.load(path)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"Cannot load the VAE of config.vae.path: {e}") from e
+
+
+# ---- Files in and out: editing images, masks, the output --------------------------------
+
+
+def read_images(path: str, size: int, channels: int, what: str = "--init_image") -> np.ndarray:
+  """(N, size, size, channels) float32 in [-1, 1] from an image file (N = 1) or an .npz with
+  "images" (N, H, W, C) uint8 (what dit.sample writes). A missing, unreadable or wrong-size
+  file is a one-line UserError naming it and the size expected (images are not resized)."""
+  if not os.path.isfile(path):
+    raise UserError(f"{what} {path!r} does not exist.")
+  if path.endswith(".npz"):
+    try:
+      with np.load(path) as data:
+        x = np.asarray(data["images"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      raise UserError(f"{what} {path!r} is not an .npz holding 'images' ({e}).") from e
+    if x.ndim != 4 or x.shape[1:] != (size, size, channels):
+      raise UserError(
+        f"{what} {path!r} holds images of shape {x.shape[1:]}; this model takes "
+        f"{size}x{size}x{channels} (H x W x C)."
+      )
+    return x.astype(np.float32) / 127.5 - 1.0
+  if channels not in (1, 3):
+    raise UserError(f"This model's images have {channels} channels: give {what} as an .npz.")
+  x = _read_image(path, what, "L" if channels == 1 else "RGB")
+  if x.shape[:2] != (size, size):
+    raise UserError(
+      f"{what} {path!r} is {x.shape[1]}x{x.shape[0]} pixels; this model takes {size}x{size} "
+      "images: resize it first."
+    )
+  return x.reshape(1, size, size, channels).astype(np.float32) / 127.5 - 1.0
+
+
+def _read_image(path: str, what: str, mode: str) -> np.ndarray:
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert(mode))
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise UserError(f"{what} {path!r} is not a readable image ({e}).") from e
+
+
+def read_mask(path: str, size: int, factor: int = 1) -> np.ndarray:
+  """An inpainting mask (1, size, size, 1) of 0/1 from a greyscale image of size * factor
+  pixels: white (>= 128) = keep the initial image, black = generate. With factor > 1 (a
+  latent model: `factor` pixels per latent), a latent is kept only if all its pixels are."""
+  pixels = size * factor
+  x = _read_image(path, "--mask", "L")
+  if x.shape != (pixels, pixels):
+    raise UserError(
+      f"--mask {path!r} is {x.shape[1]}x{x.shape[0]} pixels; it must be {pixels}x{pixels}, the "
+      "size of the model's images (white = keep, black = generate)."
+    )
+  keep = (x >= 128).reshape(size, factor, size, factor).min(axis=(1, 3))
+  return keep.reshape(1, size, size, 1).astype(np.float32)
+
+
+def prepare_output(path: str) -> str:
+  """Checks before any sampling that `path` (.npz, or an image format PIL writes) can be
+  written, creating its missing parent directories; returns it."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext != ".npz" and Image.registered_extensions().get(ext) not in Image.SAVE:
+    raise UserError(
+      f"--out {path!r}: name an .npz (uint8 images) or an image file (.png, .jpg, ...), not "
+      f"{ext or 'a name without an extension'}."
+    )
+  if os.path.isdir(path):
+    raise UserError(f"--out {path!r} is a directory; name a file in it.")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    probe = os.path.join(parent, f".dit_write_test_{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--out {path!r} cannot be written ({parent}: {e.strerror}).") from e
+  return path
 
 
 def grid_labels(num: int, num_classes: int) -> np.ndarray:
@@ -388,15 +704,54 @@ def sample_cond(config: ml_collections.ConfigDict, num: int, prompts, labels) ->
   return cond, int(np.ceil(np.sqrt(num)))
 
 
+# Model fields that change what trained params mean without changing their shapes.
+_TRAINED_KEYS = ("input_size", "patch_size", "num_heads", "in_channels")
+
+
+def check_trained_model(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """UserError if config.model differs from workdir/config.json's in a field the params'
+  shapes do not show (the image size: position embeddings are not params), unless the model
+  is conditioned on image sizes (trained on several, as PixArt-alpha)."""
+  m = config.model
+  if m.input_size % m.patch_size:
+    raise UserError(
+      f"config.model.input_size={m.input_size} is not a multiple of patch_size={m.patch_size}."
+    )
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    trained = json.load(f).get("model", {})
+  keys = [k for k in _TRAINED_KEYS if k in trained and k in m and trained[k] != m[k]]
+  if m.get("size_conditioning", False):
+    keys = [k for k in keys if k != "input_size"]
+  if keys:
+    changes = ", ".join(f"{k}={m[k]!r} (trained: {trained[k]!r})" for k in keys)
+    raise UserError(
+      f"config.model does not match the model in {path}: {changes}; this model makes "
+      f"{trained.get('input_size')}x{trained.get('input_size')} images."
+    )
+
+
 def load_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool = True):
   """(model, params) of the newest readable checkpoint in `workdir` (EMA params by default).
 
   Reads checkpoints of dit.train and of `python -m dit.models.convert`; the params must have
-  the shapes config.model gives (else a UserError lists the differences).
+  the shapes config.model gives and its image size must be the trained one (else a UserError
+  lists the differences).
   """
+  check_trained_model(config, workdir)
   try:
     model = dit_model.build_model(config.model)
     abstract = dit_model.abstract_params(model)
   except ValueError as e:
     raise UserError(f"Bad config.model: {e}") from e
   return model, checkpoint.restore_params(workdir, abstract, use_ema=use_ema)
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None, use_ema: bool = True):
+  """(config, model, params) of a workdir: its config.json (or `config`) and the EMA (or raw)
+  params of its newest readable checkpoint."""
+  config = checkpoint.read_config(workdir) if config is None else config
+  model, params = load_params(config, workdir, use_ema=use_ema)
+  return config, model, params

@@ -1,28 +1,33 @@
-"""`dit.sample`: sample a trained (or converted) DiT to a PNG grid or an .npz of images.
+"""`dit.sample` (dit-sample): sample a trained (or converted) DiT to an image grid or an .npz.
 
-  python -m dit.sample --config=configs/digits.py --workdir=runs/digits --num=100 \
-      --out=grid.png [--sampler=ddim --steps=50 --cfg_scale=4.0 --seed=0]
-  python -m dit.sample --config=configs/t2i_pixart.py --workdir=runs/t2i \
-      --prompt="a handwritten digit seven" [--prompt="the number 3" ...] --num=16
-  python -m dit.sample --workdir=DIR    # config from DIR/config.json (dit.train, convert)
+  dit-sample --workdir=runs/digits                  # config.json, config.sample.num samples
+  dit-sample --workdir=runs/digits --num=100 --out=out/grid.png --labels=3,7
+  dit-sample --workdir=runs/digits --sampler=dpmpp_2m --steps=20 --karras --cfg_scale=4.0
+  dit-sample --workdir=runs/digits --init_image=seven.png --strength=0.6      # img2img
+  dit-sample --workdir=runs/digits --init_image=seven.png --mask=keep.png     # inpainting
+  dit-sample --workdir=runs/digits --config.sample.eta=1.0   # a config.json key changed
+  dit-sample --workdir=runs/t2i --prompt="a handwritten seven" --prompt="the number 3" --num=16
 
-Text-to-image runs the whole pipeline: prompt -> T5 (config.text.t5_path; "" = the offline
-demo encoder) -> DiT sampler with classifier-free guidance -> VAE decode (config.vae.path;
-"" = pixel space) -> PNG. An empty prompt means the model's null caption. The library
-behind it is dit/generate.py.
+The config is WORKDIR/config.json (what dit.train or the converter wrote), or --config, whose
+model must match it. Text-to-image runs the whole pipeline: prompt -> T5 (config.text.t5_path;
+"" = the offline demo encoder) -> DiT sampler with classifier-free guidance -> VAE decode
+(config.vae.path; "" = pixel space) -> image. Editing images have the model's image size
+(not resized); a mask is greyscale, white = keep the initial image, black = generate. Every
+input is checked before the checkpoint is read. The library behind it is dit/generate.py.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 
 import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-from dit import checkpoint, generate
+from dit import checkpoint, evaluation, generate
+from dit import cli as cli_lib
 from dit.cli import UserError, run_command
 
 # ---- Command line ----------------------------------------------------------------------
@@ -30,23 +35,59 @@ from dit.cli import UserError, run_command
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+# (kind, name, default, help) of dit.sample's own flags; --config, --workdir and
+# --config_keys come from dit.cli.
+_FLAGS = (
+  ("integer", "num", None, "Number of samples; default config.sample.num (64 if it is 0)."),
+  ("string", "out", "grid.png", "Output file: an image grid (.png, .jpg, ...) or .npz "
+   "(uint8 images, N x H x W x C); missing parent directories are created."),
+  ("string", "sampler", None, "Sampler (values below); default config.sample.sampler."),
+  ("integer", "steps", None, "Sampling steps: grid points (model evaluations; heun 2 x steps "
+   "- 1); default config.sample.steps."),
+  ("bool", "karras", None, "Karras sigmas (the diffusion samplers that take them)."),
+  ("float", "cfg_scale", None, "Guidance scale (1 = no guidance); default "
+   "config.sample.cfg_scale."),
+  ("float", "guidance_rescale", None, "Guidance rescale phi, in [0, 1] (Lin et al. 2024); 0 = "
+   "off."),
+  ("list", "guidance_interval", None, "lo,hi: guide only where lo <= sigma <= hi, in k-sigma "
+   "units sqrt((1 - alpha_bar) / alpha_bar) (Kynkaanniemi et al. 2024); default: every step."),
+  ("integer", "seed", 0, "PRNG seed."),
+  ("list", "labels", None, "Class labels, repeated to --num; default: equal rows of all "
+   "classes."),
+  ("bool", "raw_params", False, "Use the raw instead of the EMA parameters."),
+  ("multi_string", "prompt", None, "Text prompt (repeat for several; one row each); '' = the "
+   "null caption."),
+  ("string", "init_image", None, "img2img / inpainting: an image file (or an .npz of "
+   "images) of the model's image size, not resized."),
+  ("float", "strength", None, "img2img: the fraction of the sampling grid re-run from "
+   "--init_image, in (0, 1], at least one step; default 0.6, or 1.0 with --mask."),
+  ("string", "mask", None, "Inpainting: a greyscale image of the model's size; white = keep "
+   "--init_image, black = generate."),
+  ("string", "t5", None, "Overrides config.text.t5_path (a local T5 directory)."),
+  ("string", "vae", None, "Overrides config.vae.path (a diffusers VAE directory)."),
+)  # fmt: skip
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Command-line flags, defined only when run as a command (modules import cleanly)."""
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-  flags.DEFINE_string("workdir", None, "Workdir holding ckpt/ (and config.json).")
-  flags.DEFINE_integer("num", 64, "Number of samples.")
-  flags.DEFINE_string("out", "grid.png", "Output: .png grid or .npz array (uint8 images).")
-  flags.DEFINE_string("sampler", None, "Sampler name; default config.sample.sampler.")
-  flags.DEFINE_integer("steps", None, "Sampling steps; default config.sample.steps.")
-  flags.DEFINE_float("cfg_scale", None, "Guidance scale; default config.sample.cfg_scale.")
-  flags.DEFINE_integer("seed", 0, "PRNG seed.")
-  flags.DEFINE_list("labels", None, "Class labels (default: equal rows of all classes).")
-  flags.DEFINE_bool("raw_params", False, "Use the raw instead of the EMA parameters.")
-  flags.DEFINE_multi_string(
-    "prompt", None, "Text prompt (repeat for several; one row each); '' = the null caption."
+  cli_lib.define_config_flags(flag_values, "Workdir holding ckpt/ (and config.json).")
+  for kind, name, default, text in _FLAGS:
+    getattr(flags, f"DEFINE_{kind}")(name, default, text, flag_values=flag_values)
+
+
+def help_notes() -> str:
+  """The valid values of --sampler (both families), for --help."""
+  choices = evaluation.config_choices()
+  text = (
+    "--sampler values: diffusion models: "
+    + ", ".join(choices["sample.sampler (diffusion)"])
+    + " (lcm: distilled models only); flow-matching models: "
+    + ", ".join(choices["sample.sampler (flow)"])
+    + ". Editing (--init_image, --mask) and guidance (--guidance_rescale, --guidance_interval) "
+    "work with every sampler of both families. See docs/samplers.md, docs/flow_matching.md "
+    "and, for Python, docs/api.md."
   )
-  flags.DEFINE_string("t5", None, "Overrides config.text.t5_path (a local T5 directory).")
-  flags.DEFINE_string("vae", None, "Overrides config.vae.path (a diffusers VAE directory).")
+  return textwrap.fill(text, 100)
 
 
 def _with_model_dirs(config: ml_collections.ConfigDict, t5: str | None, vae: str | None):
@@ -66,33 +107,78 @@ def _with_model_dirs(config: ml_collections.ConfigDict, t5: str | None, vae: str
   return config
 
 
+def _interval(values) -> tuple[float, float] | None:
+  if values is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in values)
+  except ValueError as e:
+    raise UserError(f"--guidance_interval takes two numbers lo,hi, got {','.join(values)}.") from e
+  return lo, hi
+
+
+def _edit_options(config: ml_collections.ConfigDict) -> dict:
+  """x_init / strength / mask of generate() from --init_image, --strength and --mask."""
+  if FLAGS.init_image is None:
+    if FLAGS.mask is not None or FLAGS.strength is not None:
+      raise UserError("--strength and --mask need --init_image (the image to edit).")
+    return {}
+  size, channels = generate.pixel_size(config)
+  images = generate.read_images(FLAGS.init_image, size, channels)
+  options = {"x_init": generate.encode(config, images)}
+  if FLAGS.mask is not None:
+    factor = size // config.model.input_size
+    options["mask"] = generate.read_mask(FLAGS.mask, config.model.input_size, factor)
+  default = 1.0 if FLAGS.mask is not None else 0.6
+  options["strength"] = default if FLAGS.strength is None else FLAGS.strength
+  return options
+
+
+def sample_options(config: ml_collections.ConfigDict) -> dict:
+  """generate()'s keyword arguments from the flags, every one checked (nothing compiled)."""
+  generate.check_sample_config(config, cfg_scale=FLAGS.cfg_scale)
+  options = dict(
+    settings=generate.sampler_settings(
+      config, sampler=FLAGS.sampler, steps=FLAGS.steps, karras=FLAGS.karras
+    ),
+    cfg_scale=FLAGS.cfg_scale,
+    guidance_rescale=FLAGS.guidance_rescale or 0.0,
+    guidance_interval=_interval(FLAGS.guidance_interval),
+  )
+  generate.check_model_dirs(config)
+  return {**options, **_edit_options(config)}
+
+
+def _config_source() -> str:
+  return "--config" if FLAGS.config is not None else f"{FLAGS.workdir}/config.json"
+
+
 def main(argv: list[str]) -> None:
   del argv
   if FLAGS.workdir is None:
-    raise UserError("--workdir is required.")
-  config = FLAGS.config if FLAGS.config is not None else checkpoint.read_config(FLAGS.workdir)
+    raise UserError("--workdir is required (it holds the checkpoints).")
+  config, _ = checkpoint.command_config(
+    FLAGS.workdir, FLAGS.config, cli_lib.workdir_overrides(), fixed=("model", "diffusion", "flow")
+  )
+  if FLAGS.config_keys:
+    print(cli_lib.config_keys_text(config, _config_source()))
+    return
   config = _with_model_dirs(config, FLAGS.t5, FLAGS.vae)
-  if FLAGS.num < 1:
-    raise UserError(f"--num must be positive, got {FLAGS.num}.")
-  # Before the (slow) checkpoint restore: guidance, eta, steps and the model directories.
-  generate.check_sample_config(config, cfg_scale=FLAGS.cfg_scale)
-  generate.sampler_settings(config, sampler=FLAGS.sampler, steps=FLAGS.steps)
-  generate.check_model_dirs(config)
+  num = FLAGS.num if FLAGS.num is not None else config.sample.get("num", 0) or 64
+  if num < 1:
+    raise UserError(f"--num must be positive, got {num}.")
+  # Before the (slow) checkpoint restore: the output, the sampler, guidance, the editing
+  # images, the conditioning, the model directories.
+  out = generate.prepare_output(FLAGS.out)
+  options = sample_options(config)
+  cond, per_row = generate.sample_cond(config, num, FLAGS.prompt, FLAGS.labels)
+  inputs = {k: v for k, v in options.items() if k != "cfg_scale"}
+  generate.check_inputs(config, cond, num, **inputs)
   model, params = generate.load_params(config, FLAGS.workdir, use_ema=not FLAGS.raw_params)
-  cond, per_row = generate.sample_cond(config, FLAGS.num, FLAGS.prompt, FLAGS.labels)
   images = generate.generate(
-    config,
-    model,
-    params,
-    cond,
-    jax.random.PRNGKey(FLAGS.seed),
-    FLAGS.num,
-    sampler=FLAGS.sampler,
-    steps=FLAGS.steps,
-    cfg_scale=FLAGS.cfg_scale,
+    config, model, params, cond, jax.random.PRNGKey(FLAGS.seed), num, **options
   )
   images = generate.decode(config, images)
-  out = FLAGS.out
   if out.endswith(".npz"):
     np.savez(out, images=generate.to_uint8(images))
   else:
@@ -102,8 +188,7 @@ def main(argv: list[str]) -> None:
 
 def cli() -> None:
   """Console-script entry point (`dit-sample`)."""
-  define_flags()
-  run_command(main)
+  run_command(main, define_flags, __doc__, help_notes)
 
 
 if __name__ == "__main__":

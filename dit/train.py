@@ -1,6 +1,8 @@
 """The train loop: one file, read top to bottom.
 
-  python -m dit.train --config=configs/digits.py --workdir=runs/digits [--config.key=value]
+  dit-train --config=configs/digits.py --workdir=runs/digits [--config.key=value]
+  dit-train --workdir=runs/digits [--config.total_steps=4000]   # resume with its config.json
+  dit-train --config=configs/digits.py --workdir=runs/tuned --init_from=runs/digits  # fine-tune
 
 Sections: config checks and workdir -> model state -> the update step -> setup (devices and
 mesh, model, optimizer, objective, shardings, the jitted or pmapped step; shared with
@@ -35,6 +37,7 @@ row after a restart mid-window is marked "partial_window".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -51,13 +54,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags, logging
-from ml_collections import config_flags
 
 from dit import checkpoint, distill, evaluation, generate, hardware, objectives, parallel
+from dit import cli as cli_lib
 from dit.checkpoint import State
-from dit.cli import UserError, config_diffs, run_command
+from dit.cli import UserError, run_command
 from dit.data import pipeline
-from dit.diffusion import schedules
+from dit.diffusion import flow, schedules
 from dit.models import dit as dit_model
 from dit.models import flops
 from dit.optim import make_optimizer
@@ -96,6 +99,11 @@ def check_config(config: ml_collections.ConfigDict, num_data_parallel: int) -> N
     )
   if distill.enabled(config):
     distill.check_config(config)
+  if flow.is_flow(config):
+    try:
+      flow.from_config(config)
+    except ValueError as e:
+      raise UserError(f"Bad config.flow: {e}") from e
   generate.check_sample_config(config)  # Now, not at the first grid or evaluation.
   if config.sample.num:
     generate.sampler_settings(config)
@@ -113,27 +121,31 @@ def eval_every(config: ml_collections.ConfigDict) -> int:
 
 
 # Sections whose change makes an old checkpoint meaningless for this run.
-_RESUME_SECTIONS = ("model", "diffusion", "data", "seed", "batch_size", "distill")
+_RESUME_SECTIONS = ("model", "diffusion", "flow", "data", "seed", "batch_size", "distill")
 
 
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A restarted run must match the saved config in the fields that shape the state."""
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list[tuple]:
+  """A restarted run must match the saved config in the fields that shape the state (how the
+  model computes, checkpoint.COMPUTE_ONLY_KEYS, may change); returns the other changes,
+  [(dotted key, old, new)] (optimizer, logging, sampling, remat, ...)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return
+    return []
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
   diffs = [
     f"{key}: checkpoint has {a!r}, config has {b!r}"
-    for key, a, b in config_diffs(old, new, _RESUME_SECTIONS)
-    if not (a is None and b in ("", None))  # A field added to the config since, left empty.
+    for key, a, b in checkpoint.config_changes(
+      old, new, _RESUME_SECTIONS, ignore=checkpoint.COMPUTE_ONLY_KEYS
+    )
   ]
   if diffs:
     raise UserError(
       f"{workdir} holds a run with an incompatible config; use a new --workdir or the "
       "same settings. Differing fields: " + "; ".join(diffs)
     )
+  return checkpoint.config_changes(old, new)
 
 
 # ---- Model state ----------------------------------------------------------------------
@@ -299,7 +311,7 @@ class Setup:
   model: Any
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
-  schedule: schedules.Schedule
+  schedule: schedules.Schedule | None  # None for flow matching.
   objective: objectives.Objective
   abstract_state: State
   state_sharding: Any
@@ -333,7 +345,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   use_pmap = config.parallelism == "pmap"
   model = dit_model.build_model(config.model)
   tx, lr_schedule = make_optimizer(config)
-  schedule = schedules.from_config(config.diffusion)
+  schedule = None if flow.is_flow(config) else schedules.from_config(config.diffusion)
   apply = make_apply(model, config.get("step_remat_policy", ""))
   objective = objectives.make_objective(config, apply, schedule)
   init_fn = functools.partial(init_state, config, model, tx, objective)
@@ -438,7 +450,8 @@ def _rewind_jsonl(path: str, step: int) -> None:
 
 
 def _summarise(window: list[dict], elapsed: float, config, flops_per_image: float | None) -> dict:
-  """Host floats for one log row from the per-step metrics since the last row."""
+  """Host floats for one log row from the per-step metrics since the last row; `elapsed`:
+  the seconds the window's steps took to run (`Throughput.window`)."""
   steps = [{k: float(parallel.first_value(v)) for k, v in m.items()} for m in window]
   row = {
     "loss": float(np.mean([s["loss"] for s in steps])),
@@ -482,18 +495,26 @@ def _print_run_summary(config, workdir: str, mesh) -> None:
 # ---- The loop ------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, init_from: str | None = None
+) -> State:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state.
 
+  init_from: fine-tuning: a workdir (or its ckpt/, or ckpt/<step>) whose EMA params start a
+  new run here (step 0, a fresh optimizer); their shapes must fit config.model. Rerunning
+  the same command resumes the fine-tuning run.
   The returned state is unstacked (no device axis): replicated for "pmap", sharded over the
-  mesh for "mesh". Nothing is written to `workdir` before the config, the devices and the
-  data have been accepted.
+  mesh for "mesh". Nothing is written to `workdir` before the config, the devices, the data
+  (and init_from's params) have been accepted; config changes on resume are recorded in
+  config_history.jsonl.
   """
   if config.distributed:
     parallel.initialize_distributed()
   workdir = checkpoint.check_workdir(workdir)
-  check_resume_config(workdir, config)
+  changes = check_resume_config(workdir, config)
+  source = init_source(workdir, init_from)
   s = setup(config)
+  init_params = _init_params(s, source) if source else None
   data_iter = make_data_iterator(config)
   workdir = checkpoint.prepare_workdir(workdir)
   if jax.process_index() == 0:
@@ -502,14 +523,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
   mngr = checkpoint.manager(workdir, config)
   best_mngr = checkpoint.manager(workdir, config, best=True) if eval_every(config) else None
-  restored = checkpoint.restore(mngr, s.abstract_state)
-  if restored is not None:
-    state, data_state = restored
-    data_iter.set_state(data_state)
-    if jax.process_index() == 0:
-      print(f"Resumed from step {int(parallel.first_value(state['step']))}.", flush=True)
-  else:
-    state = s.init()
+  state, step = _start_state(s, mngr, data_iter, init_params)
+  _record_start(workdir, step, changes, init_from if source else None)
   try:
     state = _loop(s, s.place_state(state), data_iter, workdir, mngr, best_mngr)
   except pipeline.LabelError as e:  # Found in a batch (sources that cannot list labels).
@@ -523,6 +538,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     if jax.process_index() == 0:
       _write_samples(s, params, workdir, "grid.png")
   return state
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, "ckpt")
+  return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def init_source(workdir: str, init_from: str | None) -> tuple[str, int | None] | None:
+  """(workdir, step or None for the newest) that --init_from names, None when there is
+  nothing to load: no --init_from, or `workdir` holds the run it started (then it resumes)."""
+  if init_from is None:
+    return None
+  path = os.path.abspath(init_from)
+  if _has_checkpoints(workdir):
+    if any(row.get("init_from") == path for row in checkpoint.read_config_history(workdir)):
+      return None  # The fine-tuning run this command started: resume it.
+    raise UserError(
+      f"--init_from starts a new run, but {workdir} already holds checkpoints; resume it "
+      "without --init_from or use a new --workdir."
+    )
+  parent, name = os.path.split(path)
+  if os.path.isdir(os.path.join(path, "ckpt")):
+    return path, None
+  if name == "ckpt" and os.path.isdir(path):
+    return parent, None
+  if name.isdigit() and os.path.basename(parent) == "ckpt" and os.path.isdir(path):
+    return os.path.dirname(parent), int(name)
+  raise UserError(
+    f"--init_from={init_from!r} is not a workdir with checkpoints (no {path}/ckpt), its ckpt/ "
+    "directory or a ckpt/<step> directory."
+  )
+
+
+def _init_params(s: Setup, source: tuple[str, int | None]):
+  """The EMA params of --init_from's checkpoint, checked against config.model, placed."""
+  workdir, step = source
+  try:
+    params = checkpoint.restore_params(workdir, s.abstract_state["params"], step=step)
+  except UserError as e:
+    raise UserError(f"--init_from: {e}") from e
+  return jax.device_put(params, s.state_sharding["params"])
+
+
+def _start_state(s: Setup, mngr, data_iter, init_params) -> tuple[State, int | None]:
+  """(the state to train from, the restored step or None for a new run)."""
+  restored = checkpoint.restore(mngr, s.abstract_state)
+  if restored is not None:
+    state, data_state = restored
+    data_iter.set_state(data_state)
+    step = int(parallel.first_value(state["step"]))
+    if jax.process_index() == 0:
+      print(f"Resumed from step {step}.", flush=True)
+    return state, step
+  state = s.init()
+  if init_params is not None:  # A fresh optimizer state fits any params of these shapes.
+    ema = jax.tree.map(lambda x: x.copy(), init_params)  # Two buffers: both are donated.
+    state = dict(state, params=init_params, ema_params=ema)
+  return state, None
+
+
+def _record_start(workdir: str, step: int | None, changes: list, init_from: str | None) -> None:
+  """Appends config changes (on resume) and a new run's --init_from to config_history.jsonl,
+  and says so on the console."""
+  if init_from is not None:
+    init_from = os.path.abspath(init_from)
+    path = checkpoint.record_config_history(workdir, 0, changes, init_from=init_from)
+    if jax.process_index() == 0:
+      print(f"Fine-tuning: step 0 holds the EMA params of {init_from} (recorded in {path}).")
+  elif changes:
+    path = checkpoint.record_config_history(workdir, step or 0, changes)
+    if jax.process_index() == 0:
+      print(
+        f"Config changes from {workdir}/config.json at step {step or 0} (recorded in {path}): "
+        + checkpoint.describe_changes(changes),
+        flush=True,
+      )
 
 
 def make_data_iterator(config: ml_collections.ConfigDict) -> pipeline.TrainIterator:
@@ -573,40 +664,39 @@ def _loop(s: Setup, state: State, data_iter, workdir: str, mngr, best_mngr) -> S
   # Rows after the restored step (logged before a crash) are dropped: they are redone.
   writer = MetricWriter(workdir, resume_step=start_step)
   flops_per_image = _train_flops_per_image(s.model) if is_main else None
-  progress = None
-  if is_main and config.progress_bar:
-    from tqdm import tqdm
-
-    progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+  progress, clock = None, Throughput()
   preemption = _Preemption()
   compiled, window = None, []
   step, data_state = start_step, data_iter.get_state()
-  window_start = time.perf_counter()
   try:
     while step < config.total_steps:
       batch = s.to_device(_model_inputs(config, next(data_iter)))
       data_state = data_iter.get_state()  # Points at the batch after this one.
       if compiled is None:
-        compiled = s.step.lower(state, batch, s.frozen).compile()
-        window_start = time.perf_counter()  # Steps/s without the compile.
+        compiled = clock.compile(s.step, state, batch, s.frozen)
+        if is_main and config.progress_bar:  # From here: its ETA leaves out the compile.
+          progress = _progress_bar(config.total_steps, start_step)
       state, metrics = compiled(state, batch, s.frozen)
       step += 1
       window.append(metrics)
       if progress is not None:
         progress.update(1)
       if step % config.log_every == 0 or step == config.total_steps:
-        row = _summarise(window, time.perf_counter() - window_start, config, flops_per_image)
+        seconds, extra = clock.window(metrics)
+        row = {**_summarise(window, seconds, config, flops_per_image), **extra}
         if len(window) < step - (step - 1) // config.log_every * config.log_every:
           row["partial_window"] = True  # Begun before a restart: only the steps after it.
         _log_row(writer, progress, step, row)
         if row["bad_steps"] >= config.max_bad_steps:
           raise _non_finite_stop(row, step, mngr)
-        window, window_start = [], time.perf_counter()
+        window = []
       if _periodic_due(config, step):
-        _sample_and_evaluate(s, s.host_state(state), step, workdir, writer, best_mngr, data_state)
+        with clock.paused(metrics):  # Sampling and evaluation are not training time.
+          _sample_and_evaluate(s, s.host_state(state), step, workdir, writer, best_mngr, data_state)
       preempted = preemption.now(mngr, step)
       if step % config.ckpt_every == 0 or step == config.total_steps or preempted:
-        checkpoint.save(mngr, s.host_state(state), data_state, force=preempted)
+        with clock.paused(metrics):  # Its checksums wait for the step; the write is async.
+          checkpoint.save(mngr, s.host_state(state), data_state, force=preempted)
       if preempted:
         mngr.wait_until_finished()
         print(f"SIGTERM: saved checkpoint at step {step}; exiting.", file=sys.stderr, flush=True)
@@ -619,9 +709,68 @@ def _loop(s: Setup, state: State, data_iter, workdir: str, mngr, best_mngr) -> S
   return s.host_state(state)
 
 
+class Throughput:
+  """Steps/s of completed steps, not of dispatched ones (JAX runs ahead of the devices).
+
+  A log window runs from the end of the previous one (the first: from the end of the
+  compile, which is reported once as compile_seconds) to the moment its last step has
+  finished; time spent sampling, evaluating and starting checkpoint saves in between
+  (`paused`) is left out.
+  """
+
+  def __init__(self):
+    self.start = time.perf_counter()
+    self.compile_seconds = None
+
+  def compile(self, step_fn, *args):
+    """step_fn compiled for args (ahead of time, so no step's time holds the compile)."""
+    begin = time.perf_counter()
+    compiled = step_fn.lower(*args).compile()
+    self.start = time.perf_counter()
+    self.compile_seconds = self.start - begin
+    return compiled
+
+  def window(self, metrics) -> tuple[float, dict]:
+    """(seconds of the window that ends with the step that returned `metrics`, extra fields
+    of its row: compile_seconds on the first)."""
+    jax.block_until_ready(metrics)  # Every step of the window has run.
+    now = time.perf_counter()
+    seconds, self.start = now - self.start, now
+    extra = {} if self.compile_seconds is None else {"compile_seconds": self.compile_seconds}
+    self.compile_seconds = None
+    return seconds, extra
+
+  @contextlib.contextmanager
+  def paused(self, metrics):
+    jax.block_until_ready(metrics)  # The steps before the pause count as training time.
+    begin = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.start += time.perf_counter() - begin
+
+
+def _progress_bar(total: int, initial: int):
+  """A tqdm bar whose rate and ETA are the measured steps/s of the last log row."""
+  from tqdm import tqdm
+
+  class Progress(tqdm):
+    measured_rate = None
+
+    @property
+    def format_dict(self):
+      fields = super().format_dict
+      if self.measured_rate:
+        fields["rate"] = self.measured_rate
+      return fields
+
+  return Progress(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
 def _log_row(writer, progress, step: int, row: dict) -> None:
   writer.write(step, row)
   if progress is not None:
+    progress.measured_rate = row["steps_per_sec"]
     progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
 
 
@@ -698,24 +847,41 @@ def _write_samples(s: Setup, params, workdir: str, name: str) -> None:
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Command-line flags, defined only when run as a command (modules import cleanly)."""
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+  cli_lib.define_config_flags(
+    flag_values,
+    "Directory for checkpoints, logs and samples; a workdir that holds a run resumes it (a "
+    "changed config is checked field by field, allowed changes go to config_history.jsonl).",
+  )
+  flags.DEFINE_string(
+    "init_from",
+    None,
+    "Fine-tuning: a workdir (or its ckpt/ or ckpt/STEP) whose EMA params start this new run "
+    "(step 0, a fresh optimizer); their shapes must fit config.model.",
+    flag_values=flag_values,
+  )
+
+
+def help_notes() -> str:
+  return evaluation.choices_text()
 
 
 def main(argv: list[str]) -> None:
   del argv
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise UserError("--config and --workdir are required.")
+  if FLAGS.workdir is None:
+    raise UserError("--workdir is required (with --config for a new run).")
+  config, _ = checkpoint.command_config(FLAGS.workdir, FLAGS.config, cli_lib.workdir_overrides())
+  if FLAGS.config_keys:
+    print(cli_lib.config_keys_text(config))
+    return
   logging.set_verbosity(logging.WARNING)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_and_evaluate(config, FLAGS.workdir, init_from=FLAGS.init_from)
 
 
 def cli() -> None:
   """Console-script entry point (`dit-train`)."""
-  define_flags()
-  run_command(main)
+  run_command(main, define_flags, __doc__, help_notes)
 
 
 if __name__ == "__main__":

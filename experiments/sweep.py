@@ -184,7 +184,8 @@ def run_arm(
     if params is None:
       model, params = generate.load_params(config, workdir, use_ema=config.sample.use_ema)
     result = evaluation.evaluate(config, model, params, jax.random.PRNGKey(config.seed))
-    result["eps_mse"] = eps_mse(config, model, params)
+    if "diffusion" in config:  # Flow-matching models have no discrete eps scale.
+      result["eps_mse"] = eps_mse(config, model, params)
     result = {k: v for k, v in result.items() if not k.startswith("accuracy_class")}
     with open(path, "w") as f:
       json.dump(result, f, indent=2)

@@ -139,3 +139,120 @@ def test_sample_cond_labels_and_prompts():
     generate.sample_cond(config, 4, None, ["10"])
   with pytest.raises(UserError, match="--prompt needs a text-to-image model"):
     generate.sample_cond(config, 4, ["a seven"], None)
+
+
+# ---- Editing and guidance from the command line (in this process) -------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A tiny random digits model (step 0 of a workdir) and an 8x8 test image and mask. It
+  predicts v: an untrained eps model's samples saturate at +-1 (x_T / alpha_T)."""
+  from test_early_checks import write_tiny_workdir
+
+  root = tmp_path_factory.mktemp("edit")
+  workdir = write_tiny_workdir(root / "run", **{"diffusion.prediction": "v"})
+  image = np.zeros((8, 8), np.uint8)
+  image[1:7, 3:5] = 255  # A "1".
+  Image.fromarray(image).save(root / "one.png")
+  keep = np.zeros((8, 8), np.uint8)
+  keep[:, :4] = 255  # White = keep: the left half.
+  Image.fromarray(keep).save(root / "left.png")
+  Image.fromarray(np.full((8, 8), 255, np.uint8)).save(root / "all.png")
+  return root, workdir, image
+
+
+def sample_here(monkeypatch, capsys, *args):
+  from test_early_checks import run_command_here
+
+  from dit import sample
+
+  code, _, err = run_command_here(sample, *args, monkeypatch=monkeypatch, capsys=capsys)
+  assert code == 0, err
+
+
+def library_samples(workdir, num, labels, uint8=True, **options):
+  """The samples of the library call that the command should make (seed 0)."""
+  config, model, params = generate.load(str(workdir))
+  cond, _ = generate.sample_cond(config, num, None, labels)
+  x = generate.generate(config, model, params, cond, jax.random.PRNGKey(0), num, **options)
+  return generate.to_uint8(generate.decode(config, x)) if uint8 else np.asarray(x)
+
+
+def test_img2img_command(tiny_run, monkeypatch, capsys):
+  root, workdir, image = tiny_run
+  out = root / "i2i.npz"
+  common = [f"--workdir={workdir}", "--num=4", "--labels=1,7", "--steps=5", f"--out={out}"]
+  sample_here(monkeypatch, capsys, *common, f"--init_image={root}/one.png", "--strength=0.6")
+  got = np.load(out)["images"]
+  x_init = image[None, :, :, None] / 127.5 - 1.0
+  want = library_samples(workdir, 4, ["1", "7"], steps=5, x_init=x_init, strength=0.6)
+  np.testing.assert_array_equal(got, want)
+  plain = library_samples(workdir, 4, ["1", "7"], steps=5)
+  assert np.abs(got.astype(int) - plain).mean() > 5  # It started from the image, not noise.
+  # The boundary: strength 1 / steps keeps exactly one step and runs.
+  sample_here(monkeypatch, capsys, *common, f"--init_image={root}/one.png", "--strength=0.2")
+  # Invariance: a mask that keeps everything returns the image itself, at any strength.
+  sample_here(
+    monkeypatch, capsys, *common, f"--init_image={root}/one.png", f"--mask={root}/all.png",
+    "--strength=0.6",
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.load(out)["images"][..., 0], np.broadcast_to(image, (4, 8, 8)))
+
+
+def test_inpainting_command(tiny_run, monkeypatch, capsys):
+  root, workdir, image = tiny_run
+  out = root / "inpainted.npz"
+  args = [f"--workdir={workdir}", "--num=4", "--steps=5", f"--out={out}", "--sampler=dpmpp_2m"]
+  sample_here(monkeypatch, capsys, *args, f"--init_image={root}/one.png", f"--mask={root}/left.png")
+  got = np.load(out)["images"][..., 0]
+  # White = keep: the left half is the image, exactly; the right half is generated.
+  np.testing.assert_array_equal(got[:, :, :4], np.broadcast_to(image[:, :4], (4, 8, 4)))
+  assert np.abs(got[:, :, 4:].astype(int) - image[:, 4:]).mean() > 5
+  mask = np.zeros((1, 8, 8, 1), np.float32)
+  mask[:, :, :4] = 1.0
+  x_init = image[None, :, :, None] / 127.5 - 1.0
+  config = checkpoint.read_config(str(workdir))
+  labels = generate.grid_labels(4, 10).tolist()
+  want = library_samples(workdir, 4, labels, sampler="dpmpp_2m", steps=5, x_init=x_init, mask=mask)
+  np.testing.assert_array_equal(got, want[..., 0])
+  assert config.model.num_classes == 10
+
+
+def test_guidance_options_command(tiny_run, monkeypatch, capsys):
+  """--karras, --guidance_rescale and --guidance_interval reach generate() as given."""
+  root, workdir, _ = tiny_run
+  out = root / "guided.npz"
+  args = [f"--workdir={workdir}", "--num=2", "--steps=4", f"--out={out}", "--sampler=dpmpp_2m"]
+  extra = ["--karras", "--guidance_rescale=0.7", "--guidance_interval=0.5,3"]
+  sample_here(monkeypatch, capsys, *args, *extra)
+  options = dict(sampler="dpmpp_2m", steps=4, karras=True, guidance_rescale=0.7)
+  labels = generate.grid_labels(2, 10).tolist()
+  want = library_samples(workdir, 2, labels, guidance_interval=(0.5, 3.0), **options)
+  np.testing.assert_array_equal(np.load(out)["images"], want)
+  with_interval = library_samples(workdir, 2, labels, False, guidance_interval=(0.5, 3), **options)
+  without = library_samples(workdir, 2, labels, False, **options)
+  # The interval switches guidance off at some steps (a random model's labels matter little).
+  assert np.abs(with_interval - without).max() > 1e-5
+
+
+def test_flow_model_takes_every_option(tmp_path):
+  """A flow-matching model: inpainting keeps the masked region, and a guidance interval that
+  contains no step's noise level turns guidance off (the conditional output, as scale 1)."""
+  from test_early_checks import write_tiny_workdir
+
+  workdir = write_tiny_workdir(tmp_path / "flow", config_file="configs/digits_flow.py")
+  config, model, params = generate.load(workdir)
+  cond = {"label": np.array([2, 5])}
+  key = jax.random.PRNGKey(0)
+  x_init = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 8, 8, 1)
+  mask = np.zeros((1, 8, 8, 1), np.float32)
+  mask[:, :4] = 1.0  # Keep the top half.
+  x = generate.generate(config, model, params, cond, key, 2, steps=4, x_init=x_init, mask=mask)
+  np.testing.assert_allclose(np.asarray(x)[:, :4], x_init[:, :4], atol=1e-6)
+  assert np.abs(np.asarray(x)[:, 4:] - x_init[:, 4:]).mean() > 0.05
+  off = generate.generate(config, model, params, cond, key, 2, steps=4, guidance_interval=(0, 1e-9))
+  unguided = generate.generate(config, model, params, cond, key, 2, steps=4, cfg_scale=1.0)
+  guided = generate.generate(config, model, params, cond, key, 2, steps=4)
+  np.testing.assert_allclose(off, unguided, atol=1e-5)
+  assert np.abs(np.asarray(guided) - np.asarray(off)).max() > 1e-3

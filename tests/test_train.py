@@ -170,7 +170,7 @@ def test_sample_and_evaluate_load_ema_params(trained):
     tree_equal(ema, raw)
 
 
-def test_resume_is_bit_exact(trained, tmp_path):
+def test_resume_is_bit_exact(trained, tmp_path, capsys):
   """Resuming from the step-2 checkpoint ends exactly where the straight run did."""
   workdir = str(tmp_path / "run")
   shutil.copytree(trained.workdir, workdir)
@@ -180,6 +180,11 @@ def test_resume_is_bit_exact(trained, tmp_path):
   resumed = train.train_and_evaluate(config, workdir)
   assert int(resumed["step"]) == 4
   tree_equal(trained.state, resumed)
+  # The changed settings are recorded (old -> new) at the restored step, and announced.
+  (row,) = checkpoint.read_config_history(workdir)
+  assert row["step"] == 2 and set(row["changes"]) == {"eval.every", "sample_every", "sample.num"}
+  assert row["changes"]["eval.every"] == [2, 0] and row["changes"]["sample.num"] == [20, 0]
+  assert "Config changes from" in capsys.readouterr().out
   # metrics.jsonl was rewound to step 2 before the resumed steps were appended.
   losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]
   assert losses(workdir) == losses(trained.workdir)
@@ -194,6 +199,68 @@ def test_resume_rejects_incompatible_config(trained, tmp_path):
   mngr = checkpoint.manager(str(tmp_path), config)
   with pytest.raises(train.UserError, match=r"blocks_0/attn/qkv/kernel: checkpoint \(32, 96\), co"):
     checkpoint.restore(mngr, abstract_state(config))
+
+
+def test_resume_allows_compute_only_changes_and_configs_older_than_their_keys(tmp_path):
+  # A workdir from before model.scan / model.remat_policy existed, resumed with remat on.
+  saved = json.loads(tiny_config().to_json_best_effort())
+  del saved["model"]["scan"], saved["model"]["remat_policy"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  config = tiny_config(**{"model.remat": True, "model.scan": True, "optim.lr": 1e-3})
+  changes = {key: (a, b) for key, a, b in train.check_resume_config(str(tmp_path), config)}
+  assert changes["model.remat"] == (False, True) and changes["optim.lr"] == (2e-3, 1e-3)
+  with pytest.raises(train.UserError, match="model.depth: checkpoint has 1, config has 2"):
+    train.check_resume_config(str(tmp_path), tiny_config(**{"model.depth": 2}))
+
+
+def test_workdir_alone_resumes_with_its_config_json(trained, tmp_path, monkeypatch, capsys):
+  """dit-train --workdir=W --config.KEY=VALUE: config.json with the override; the change is
+  checked (the model may not change), recorded in config_history.jsonl and announced."""
+  from test_early_checks import run_command_here
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained.workdir, workdir)
+  run = lambda *args: run_command_here(train, *args, monkeypatch=monkeypatch, capsys=capsys)
+  code, _, err = run(f"--workdir={workdir}", "--config.model.depth=2")
+  assert code == 2 and "Differing fields: model.depth: checkpoint has 1, config has 2" in err
+  code, out, err = run(f"--workdir={workdir}", "--config.optim.lr=0.001", "--config.sample.num=0")
+  assert code == 0, err
+  assert "Resumed from step 4." in out  # total_steps is 4: nothing left to train.
+  assert "optim.lr 0.002 -> 0.001; sample.num 20 -> 0" in out
+  (row,) = checkpoint.read_config_history(workdir)
+  assert row == dict(row, step=4, changes={"optim.lr": [0.002, 0.001], "sample.num": [20, 0]})
+  assert checkpoint.read_config(workdir).optim.lr == 0.001  # config.json: the latest start.
+
+
+def test_init_from_fine_tunes_from_the_params(trained, tmp_path, capsys):
+  """--init_from: a new run whose step 0 holds the source's EMA params (lr 0 keeps them)."""
+  config = tiny_config(
+    **{"optim.schedule": "constant", "optim.lr": 0.0, "total_steps": 1, "ckpt_every": 1}
+  )
+  workdir = str(tmp_path / "tuned")
+  state = jax.device_get(train.train_and_evaluate(config, workdir, init_from=trained.workdir))
+  assert int(state["step"]) == 1
+  tree_equal(state["params"], trained.state["ema_params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    state["ema_params"],
+    trained.state["ema_params"],
+  )
+  (row,) = checkpoint.read_config_history(workdir)
+  assert row["init_from"] == trained.workdir and row["step"] == 0
+  assert f"Fine-tuning: step 0 holds the EMA params of {trained.workdir}" in capsys.readouterr().out
+  # The same command again resumes the fine-tuning run; another run's workdir is refused.
+  train.train_and_evaluate(config, workdir, init_from=trained.workdir)
+  assert "Resumed from step 1." in capsys.readouterr().out
+  with pytest.raises(train.UserError, match="--init_from starts a new run, but"):
+    train.train_and_evaluate(config, workdir, init_from=os.path.join(trained.workdir, "ckpt"))
+  # Params of other shapes: one line naming them, before anything is written.
+  other = tiny_config(**{"model.hidden_size": 64})
+  pattern = r"--init_from: .*blocks_0/attn/proj/kernel: checkpoint \(32, 32\), config \(64, 64\)"
+  with pytest.raises(train.UserError, match=pattern):
+    train.train_and_evaluate(other, str(tmp_path / "other"), init_from=f"{trained.workdir}/ckpt/2")
+  assert not (tmp_path / "other").exists()
 
 
 def test_corrupt_checkpoint_falls_back(trained, tmp_path, capsys):

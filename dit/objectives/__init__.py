@@ -13,12 +13,13 @@ from __future__ import annotations
 import ml_collections
 
 from dit.diffusion import schedules
-from dit.objectives import diffusion, distillation
+from dit.objectives import diffusion, distillation, flow
 from dit.objectives.base import Apply, Objective, batch_cond, per_example
 
 OBJECTIVES = {
   "diffusion": diffusion.make_objective,
   "consistency_distillation": distillation.make_objective,
+  "flow_matching": lambda config, apply, schedule: flow.make_objective(config, apply),
 }
 
 __all__ = [
@@ -32,12 +33,16 @@ __all__ = [
 
 
 def objective_name(config: ml_collections.ConfigDict) -> str:
-  """A config with a `distill` section distils (LCM); any other trains the diffusion loss."""
-  return "consistency_distillation" if "distill" in config else "diffusion"
+  """A `distill` section distils (LCM), a `flow` section trains flow matching, and any other
+  config trains the diffusion loss."""
+  if "distill" in config:
+    return "consistency_distillation"
+  return "flow_matching" if "flow" in config else "diffusion"
 
 
 def make_objective(
-  config: ml_collections.ConfigDict, apply: Apply, schedule: schedules.Schedule
+  config: ml_collections.ConfigDict, apply: Apply, schedule: schedules.Schedule | None
 ) -> Objective:
-  """The objective of `config` for the model `apply(params, x_t, t, cond)`."""
+  """The objective of `config` for the model `apply(params, x_t, t, cond)`; `schedule` is the
+  discrete schedule (None for flow matching)."""
   return OBJECTIVES[objective_name(config)](config, apply, schedule)
