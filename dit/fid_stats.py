@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from dit import metrics
 
@@ -73,11 +74,11 @@ def _as_uint8_nhwc(images: np.ndarray, source: str) -> np.ndarray:
   return images
 
 
-def load_images(path: str, max_images: int = 0) -> np.ndarray:
+def load_images(path: str, max_images: int = 0, progress: bool = False) -> np.ndarray:
   """Images (N, H, W, C) uint8 from a directory of image files or an `.npz` (`arr_0`).
 
   Directory files are read in sorted order and converted to RGB; all must have one size.
-  max_images > 0 keeps the first max_images.
+  max_images > 0 keeps the first max_images. progress: a tqdm bar over a directory's files.
   """
   if os.path.isdir(path):
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -88,7 +89,7 @@ def load_images(path: str, max_images: int = 0) -> np.ndarray:
     from PIL import Image
 
     images = []
-    for name in names:
+    for name in tqdm(names, "read images", unit="img", disable=not progress):
       with Image.open(os.path.join(path, name)) as im:
         images.append(np.asarray(im.convert("RGB")))
       if images[-1].shape != images[0].shape:
@@ -107,17 +108,22 @@ def load_images(path: str, max_images: int = 0) -> np.ndarray:
 
 
 def features_of_images(
-  images: np.ndarray, feature_fn: Callable[[np.ndarray], np.ndarray], chunk: int = 500
+  images: np.ndarray,
+  feature_fn: Callable[[np.ndarray], np.ndarray],
+  chunk: int = 500,
+  progress: bool = False,
 ) -> np.ndarray:
   """Applies feature_fn to uint8 images (N, H, W, C), chunk by chunk, as [-1, 1] floats.
 
-  feature_fn: float images in [-1, 1] -> (n, D) features.
+  feature_fn: float images in [-1, 1] -> (n, D) features. progress: a tqdm bar (images,
+  rate, ETA).
   """
   images = _as_uint8_nhwc(np.asarray(images), "features_of_images")
-  feats = [
-    np.asarray(feature_fn(images[s : s + chunk].astype(np.float32) / 127.5 - 1.0))
-    for s in range(0, len(images), chunk)
-  ]
+  feats = []
+  with tqdm(total=len(images), desc="features", unit="img", disable=not progress) as bar:
+    for s in range(0, len(images), chunk):
+      feats.append(np.asarray(feature_fn(images[s : s + chunk].astype(np.float32) / 127.5 - 1.0)))
+      bar.update(len(feats[-1]))
   return np.concatenate(feats)
 
 
@@ -150,8 +156,9 @@ def main(argv) -> None:
   from absl import flags
 
   f = flags.FLAGS
-  images = load_images(f.images, f.max_images)
-  features = features_of_images(images, inception_pool_fn(f.inception, f.batch_size))
+  images = load_images(f.images, f.max_images, progress=f.progress)
+  feature_fn = inception_pool_fn(f.inception, f.batch_size)
+  features = features_of_images(images, feature_fn, progress=f.progress)
   mu, sigma = metrics.feature_statistics(features)
   save_stats(f.out, mu, sigma)
   print(json.dumps({"out": f.out, "num_images": len(images), "dim": int(mu.shape[0])}))
@@ -165,6 +172,7 @@ def cli() -> None:
   flags.DEFINE_string("out", None, "Output .npz with mu and sigma.")
   flags.DEFINE_integer("batch_size", 50, "Inception batch size.")
   flags.DEFINE_integer("max_images", 0, "Use only the first N images (0: all).")
+  flags.DEFINE_bool("progress", True, "tqdm bars with ETA (--progress=false for logs).")
   flags.mark_flags_as_required(["images", "inception", "out"])
   app.run(main)
 

@@ -10,13 +10,20 @@ With the torch extra: parity of dit.models.dit.DiT with diffusers' DiT and PixAr
 CPU): tiny random PyTorch models are built, converted and run on the same inputs.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy_dit
 import pytest
+from conftest import ROOT
 from flax import traverse_util
 
+from dit.cli import UserError
+from dit.diffusion import flow_samplers
 from dit.models import convert
 from dit.models.dit import DiT, sincos_pos_embed_2d
 
@@ -497,3 +504,55 @@ def test_pixart_bad_checkpoint(tmp_path):
   assert "transformer_blocks.1.scale_shift_table: expected (6, 48), got (5, 48)" in msg
   with pytest.raises(FileNotFoundError):
     convert.convert_pixart(str(tmp_path / "missing"))
+
+
+@needs_torch
+def test_sit_checkpoint_converts_to_a_flow_model_that_samples_as_sit(tmp_path, monkeypatch, capsys):
+  # SiT's release is DiT's layout (learn_sigma=True, variance half unused); its time runs
+  # from noise (0) to data (1), unscaled, and its velocity points that way.
+  sd = _official_state_dict(_tiny_diffusers_dit())
+  path = str(tmp_path / "SiT-tiny.pt")
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
+  workdir = str(tmp_path / "sit")
+  r = _command("dit.models.convert", "--kind=sit", f"--source={path}", f"--workdir={workdir}",
+               "--num_heads=2")  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  from dit import checkpoint, generate
+  from dit.diffusion import flow as flow_lib
+
+  config = checkpoint.read_config(workdir)
+  assert config.flow.reverse_time and config.flow.time_scale == 1.0 and config.model.learn_sigma
+  flow = flow_lib.from_config(config)
+  config.model.dtype = "float32"  # SiT's config computes in bfloat16.
+  model, params = generate.load_params(config, workdir)
+  # SiT's Euler ODE, written as SiT writes it: t from 0 to 1, x += dt * v(x, t).
+  n, labels = 4, jnp.asarray([1, 7])
+  x_T = jax.random.normal(jax.random.key(0), (2, S, S, C))
+  x = x_T
+  for i in range(n):
+    t = jnp.full((2,), i / n)
+    x = x + model.apply({"params": params}, x, t, {"label": labels})[..., :C] / n
+  settings = generate.sampler_settings(config, sampler="euler", steps=n)
+  cond = {"label": labels}
+  denoise = generate.make_denoise(model, params, cond, 1.0, 2)
+  ours = flow_samplers.sample(lambda x, t: denoise(x, t)[..., :C], x_T, jax.random.key(1), flow,
+                              settings)  # fmt: skip
+  np.testing.assert_allclose(ours, x, atol=1e-5)
+  # The sample command (in this process) samples it with a flow sampler; a discrete sampler
+  # is refused naming both.
+  from test_early_checks import run_command_here
+
+  from dit import sample
+
+  out = tmp_path / "grid.png"
+  args = (f"--workdir={workdir}", f"--out={out}", "--num=2", "--steps=3", "--sampler=heun")
+  code, _, err = run_command_here(sample, *args, monkeypatch=monkeypatch, capsys=capsys)
+  assert code == 0 and out.exists(), err
+  with pytest.raises(UserError, match="flow-matching model.*'ddim'.*flow samplers: euler"):
+    generate.sampler_settings(config, sampler="ddim")
+
+
+def _command(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip

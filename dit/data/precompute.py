@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from dit.data.pipeline import Loader, make_source
 from dit.data.precomputed import FIELDS, META, PrecomputedSource, shard_name
@@ -57,6 +58,18 @@ def _encode_batch(
   return out
 
 
+def _encode_shard(loader, records: range, batch_size: int, key, encoders, store, bar) -> dict:
+  """{field: [arrays of each batch]} of the records of one shard, in batches."""
+  outs = {f: [] for f in FIELDS}
+  for start in range(records.start, records.stop, batch_size):
+    batch = [loader(i) for i in range(start, min(start + batch_size, records.stop))]
+    batch_key = jax.random.fold_in(key, start)
+    for field, array in _encode_batch(batch, batch_key, *encoders).items():
+      outs[field].append(array.astype(store if field in ("latent", "text") else np.int32))
+    bar.update(len(batch))
+  return outs
+
+
 def precompute(
   source: Any,
   out_dir: str,
@@ -72,6 +85,7 @@ def precompute(
   process_index: int = 0,
   process_count: int = 1,
   on_bad_image: str = "raise",
+  progress: bool = False,
 ) -> dict:
   """Encodes `source` into .npy shards under `out_dir`; returns the metadata dict.
 
@@ -84,6 +98,8 @@ def precompute(
     seed: the posterior-sample key of the batch starting at record i is
       fold_in(key(seed), i): the output depends on (seed, batch_size), not on process_count.
     dtype: storage dtype of latents and text embeddings ("float32" or "float16").
+    progress: a tqdm bar (images, rate, ETA) over this process's shards; finished shards
+      count as done, so a resumed run's ETA covers what is left.
   """
   if dtype not in ("float32", "float16"):
     raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
@@ -100,23 +116,23 @@ def precompute(
   os.makedirs(out_dir, exist_ok=True)
   key = jax.random.key(seed)
   shapes = {}
-  for shard in range(process_index, num_shards, process_count):
-    paths = {f: os.path.join(out_dir, shard_name(f, shard, num_shards)) for f in FIELDS}
-    if os.path.exists(paths["label"]):
-      continue  # Written by an earlier run (label is saved last).
-    lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
-    outs = {f: [] for f in FIELDS}
-    for start in range(lo, hi, batch_size):
-      records = [loader(i) for i in range(start, min(start + batch_size, hi))]
-      batch_key = jax.random.fold_in(key, start)
-      for field, array in _encode_batch(records, batch_key, encode_images, encode_text).items():
-        outs[field].append(array.astype(store if field in ("latent", "text") else np.int32))
+  mine = range(process_index, num_shards, process_count)
+  path = lambda field, shard: os.path.join(out_dir, shard_name(field, shard, num_shards))
+  todo = [s for s in mine if not os.path.exists(path("label", s))]  # label is saved last.
+  size = lambda shard: min((shard + 1) * shard_size, n) - shard * shard_size
+  total, left = sum(size(s) for s in mine), sum(size(s) for s in todo)
+  bar = tqdm(total=total, initial=total - left, desc="precompute", unit="img", disable=not progress)
+  for shard in todo:
+    lo, hi = shard * shard_size, shard * shard_size + size(shard)
+    encoders = (encode_images, encode_text)
+    outs = _encode_shard(loader, range(lo, hi), batch_size, key, encoders, store, bar)
     for field in ("latent", "text", "text_mask", "label"):
       if outs[field]:
         array = np.concatenate(outs[field])
         shapes[field] = list(array.shape[1:])
-        _save_atomic(paths[field], array)
+        _save_atomic(path(field, shard), array)
     logging.info("precompute: wrote shard %d of %d (records %d..%d)", shard, num_shards, lo, hi)
+  bar.close()
   meta = {
     "num_records": n,
     "shard_size": shard_size,
@@ -186,6 +202,7 @@ def main(argv: list[str]) -> None:
     process_index=f.process_index,
     process_count=f.process_count,
     on_bad_image=data.get("on_bad_image", "skip"),
+    progress=f.progress,
   )
   print(json.dumps(meta))
 
@@ -205,6 +222,7 @@ def cli() -> None:
   flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Storage dtype.")
   flags.DEFINE_integer("process_index", 0, "This process (shards s = index mod count).")
   flags.DEFINE_integer("process_count", 1, "Number of precompute processes.")
+  flags.DEFINE_bool("progress", True, "A tqdm bar with ETA (--progress=false for logs).")
   flags.mark_flags_as_required(["config", "out", "vae"])
   run_command(main)
 

@@ -9,71 +9,36 @@ Each returns (params, model_kwargs): `DiT(**model_kwargs).apply({"params": param
 reproduces the PyTorch model. Every tensor is checked by name and shape first; a mismatch
 raises a ValueError listing the missing, unexpected and mis-shaped keys.
 
-Mapping (torch Linear weight (out, in) -> Flax kernel (in, out), i.e. transposed):
-  x_embedder.proj / pos_embed.proj (D, C, p, p) conv  -> x_embedder/kernel (p*p*C, D)
-  t_embedder.mlp.{0,2} / *.timestep_embedder.linear_{1,2} -> t_embedder/mlp_{0,2}
-  y_embedder.embedding_table / *.class_embedder.embedding_table -> y_embedder/embedding
-  blocks.{i}.attn.qkv  or attn1.to_{q,k,v} (concatenated)   -> blocks_{i}/attn/qkv
-  blocks.{i}.attn.proj or attn1.to_out.0                    -> blocks_{i}/attn/proj
-  attn2.to_q / attn2.to_{k,v} / attn2.to_out.0  -> blocks_{i}/cross_attn/{q_linear,kv_linear,proj}
-  mlp.fc{1,2} or ff.net.{0.proj,2}                          -> blocks_{i}/mlp/fc{1,2}
-  adaLN_modulation.1 or norm1.linear                         -> blocks_{i}/adaLN_modulation_1
-  final_layer.* or proj_out_{1,2} / scale_shift_table, proj_out -> final_layer/*
+The rule tables (which torch tensor goes where, and how) are dit/models/layouts.py's; the
+exporter (dit/models/export.py, `--export=diffusers` below) reads the same tables backwards.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from flax import traverse_util
+from tqdm import tqdm
 
 from dit import checkpoint
 from dit.models import hub_files
 from dit.models.dit import DiT, abstract_params
+from dit.models.layouts import (
+  DIT_EMBEDDER,
+  Rule,
+  diffusers_dit_rules,
+  dit_rules,
+  pixart_rules,
+  to_flax,
+  torch_shape,
+)
 from dit.optim import make_optimizer
 
 # DiT sizes whose head count cannot be read off the weights: hidden size -> heads.
 _HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
-
-# A rule maps one Flax param to one or more torch tensors:
-#   "dense": torch Linear weights (concatenated along out) -> kernel (in, out)
-#   "bias":  torch biases (concatenated)                   -> bias (out,)
-#   "patch": conv weight (D, C, p, p)                      -> kernel (p*p*C, D)
-#   "copy":  same shape
-Rule = tuple[tuple[str, ...], tuple[str, ...], str]
-
-
-def _linear(flax_prefix: tuple[str, ...], torch_prefixes: Sequence[str]) -> list[Rule]:
-  return [
-    (flax_prefix + ("kernel",), tuple(f"{t}.weight" for t in torch_prefixes), "dense"),
-    (flax_prefix + ("bias",), tuple(f"{t}.bias" for t in torch_prefixes), "bias"),
-  ]
-
-
-def _torch_shape(kind: str, shape: tuple[int, ...], n: int, patch_size: int) -> tuple[int, ...]:
-  if kind == "dense":
-    return (shape[1] // n, shape[0])
-  if kind == "bias":
-    return (shape[0] // n,)
-  if kind == "patch":
-    p = patch_size
-    return (shape[1], shape[0] // (p * p), p, p)
-  return tuple(shape)
-
-
-def _to_flax(kind: str, arrays: list[np.ndarray]) -> np.ndarray:
-  if kind == "dense":
-    return np.concatenate(arrays, axis=0).T
-  if kind == "bias":
-    return np.concatenate(arrays, axis=0)
-  if kind == "patch":
-    (w,) = arrays
-    return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
-  (w,) = arrays
-  return w
 
 
 def _apply_rules(
@@ -82,8 +47,10 @@ def _apply_rules(
   model_kwargs: dict,
   source: str,
   ignored: Mapping[str, tuple[int, ...]] | None = None,
+  progress: bool = False,
 ) -> dict:
-  """Checks names and shapes of `weights` against `rules`, then builds the Flax params."""
+  """Checks names and shapes of `weights` against `rules`, then builds the Flax params
+  (with a tqdm bar over the tensors if `progress`)."""
   shapes = {
     k: tuple(v.shape)
     for k, v in traverse_util.flatten_dict(abstract_params(DiT(**model_kwargs))).items()
@@ -94,12 +61,12 @@ def _apply_rules(
   expected = dict(ignored or {})
   for path, keys, kind in rules:
     for key in keys:
-      expected[key] = _torch_shape(kind, shapes[path], len(keys), model_kwargs["patch_size"])
+      expected[key] = torch_shape(kind, shapes[path], len(keys), model_kwargs["patch_size"])
   hub_files.check_keys(weights, expected, source)
   flat = {}
-  for path, keys, kind in rules:
+  for path, keys, kind in tqdm(rules, "convert", unit="tensor", disable=not progress):
     arrays = [np.asarray(weights[k], np.float32) for k in keys]
-    flat[path] = _to_flax(kind, arrays)
+    flat[path] = to_flax(kind, arrays)
   return traverse_util.unflatten_dict(flat)
 
 
@@ -133,30 +100,12 @@ def _load_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
 
 
-def dit_rules(depth: int, num_classes: int) -> list[Rule]:
-  """Rules for the official DiT state dict."""
-  rules: list[Rule] = [
-    (("x_embedder", "kernel"), ("x_embedder.proj.weight",), "patch"),
-    (("x_embedder", "bias"), ("x_embedder.proj.bias",), "copy"),
-    *_linear(("t_embedder", "mlp_0"), ["t_embedder.mlp.0"]),
-    *_linear(("t_embedder", "mlp_2"), ["t_embedder.mlp.2"]),
-    *_linear(("final_layer", "adaLN_modulation_1"), ["final_layer.adaLN_modulation.1"]),
-    *_linear(("final_layer", "linear"), ["final_layer.linear"]),
-  ]
-  if num_classes > 0:
-    rules.append((("y_embedder", "embedding"), ("y_embedder.embedding_table.weight",), "copy"))
-  for i in range(depth):
-    f, t = f"blocks_{i}", f"blocks.{i}"
-    rules += _linear((f, "attn", "qkv"), [f"{t}.attn.qkv"])
-    rules += _linear((f, "attn", "proj"), [f"{t}.attn.proj"])
-    rules += _linear((f, "mlp", "fc1"), [f"{t}.mlp.fc1"])
-    rules += _linear((f, "mlp", "fc2"), [f"{t}.mlp.fc2"])
-    rules += _linear((f, "adaLN_modulation_1"), [f"{t}.adaLN_modulation.1"])
-  return rules
-
-
 def dit_params_from_state_dict(
-  weights: Mapping[str, np.ndarray], source: str = "<state dict>", num_heads: int | None = None
+  weights: Mapping[str, np.ndarray],
+  source: str = "<state dict>",
+  num_heads: int | None = None,
+  *,
+  progress: bool = False,
 ) -> tuple[dict, dict]:
   """Official DiT state dict (NumPy arrays) -> (params, model_kwargs)."""
   if "x_embedder.proj.weight" not in weights or "final_layer.linear.weight" not in weights:
@@ -183,16 +132,19 @@ def dit_params_from_state_dict(
   # The fixed position table is recomputed by the model; only its shape is checked.
   ignored = {"pos_embed": (1, grid * grid, d)} if pos is not None else {}
   rules = dit_rules(kwargs["depth"], kwargs["num_classes"])
-  return _apply_rules(weights, rules, kwargs, source, ignored), kwargs
+  return _apply_rules(weights, rules, kwargs, source, ignored, progress), kwargs
 
 
-def convert_dit_checkpoint(path: str, num_heads: int | None = None) -> tuple[dict, dict]:
+def convert_dit_checkpoint(
+  path: str, num_heads: int | None = None, *, progress: bool = False
+) -> tuple[dict, dict]:
   """Official DiT checkpoint (.pt via torch.load(weights_only=True), or .safetensors).
 
   Returns (params, model_kwargs). The head count is not stored in the weights; it defaults to
   the paper's (S: 6, B: 12, L: 16, XL: 16).
   """
-  return dit_params_from_state_dict(_load_state_dict(path), repr(path), num_heads)
+  weights = _load_state_dict(path)
+  return dit_params_from_state_dict(weights, repr(path), num_heads, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,18 +159,6 @@ def _diffusers_dir(model_dir: str) -> str:
   return model_dir
 
 
-def _block_rules(f: str, t: str, cross: bool) -> list[Rule]:
-  rules = _linear((f, "attn", "qkv"), [f"{t}.attn1.to_q", f"{t}.attn1.to_k", f"{t}.attn1.to_v"])
-  rules += _linear((f, "attn", "proj"), [f"{t}.attn1.to_out.0"])
-  if cross:
-    rules += _linear((f, "cross_attn", "q_linear"), [f"{t}.attn2.to_q"])
-    rules += _linear((f, "cross_attn", "kv_linear"), [f"{t}.attn2.to_k", f"{t}.attn2.to_v"])
-    rules += _linear((f, "cross_attn", "proj"), [f"{t}.attn2.to_out.0"])
-  rules += _linear((f, "mlp", "fc1"), [f"{t}.ff.net.0.proj"])
-  rules += _linear((f, "mlp", "fc2"), [f"{t}.ff.net.2"])
-  return rules
-
-
 def _check_supported(cfg: dict, source: str, expected: dict) -> None:
   for key, value in expected.items():
     if key in cfg and cfg[key] != value:
@@ -226,7 +166,11 @@ def _check_supported(cfg: dict, source: str, expected: dict) -> None:
 
 
 def diffusers_dit_params(
-  weights: Mapping[str, np.ndarray], cfg: dict, source: str = "<state dict>"
+  weights: Mapping[str, np.ndarray],
+  cfg: dict,
+  source: str = "<state dict>",
+  *,
+  progress: bool = False,
 ) -> tuple[dict, dict]:
   """diffusers DiTTransformer2DModel state dict + config -> (params, model_kwargs).
 
@@ -251,24 +195,8 @@ def diffusers_dit_params(
     block="adaln_zero",
     time_freq_shift=1.0,  # diffusers' DiT uses Timesteps(downscale_freq_shift=1).
   )
-  emb = "transformer_blocks.{i}.norm1.emb"
-  rules: list[Rule] = [
-    (("x_embedder", "kernel"), ("pos_embed.proj.weight",), "patch"),
-    (("x_embedder", "bias"), ("pos_embed.proj.bias",), "copy"),
-    *_linear(("t_embedder", "mlp_0"), [emb.format(i=0) + ".timestep_embedder.linear_1"]),
-    *_linear(("t_embedder", "mlp_2"), [emb.format(i=0) + ".timestep_embedder.linear_2"]),
-    (
-      ("y_embedder", "embedding"),
-      (emb.format(i=0) + ".class_embedder.embedding_table.weight",),
-      "copy",
-    ),
-    *_linear(("final_layer", "adaLN_modulation_1"), ["proj_out_1"]),
-    *_linear(("final_layer", "linear"), ["proj_out_2"]),
-  ]
-  for i in range(kwargs["depth"]):
-    f, t = f"blocks_{i}", f"transformer_blocks.{i}"
-    rules += _block_rules(f, t, cross=False)
-    rules += _linear((f, "adaLN_modulation_1"), [f"{t}.norm1.linear"])
+  emb = DIT_EMBEDDER
+  rules = diffusers_dit_rules(kwargs["depth"])
   # Per-block copies of the embedders: expected, checked equal to block 0's, then dropped.
   shared = [k for k in weights if k.startswith(emb.format(i=0) + ".")]
   ignored = {}
@@ -282,15 +210,15 @@ def diffusers_dit_params(
             f"Checkpoint {source}: {k} differs from {k0}; this model shares one timestep/label "
             "embedder across blocks."
           )
-  return _apply_rules(weights, rules, kwargs, source, ignored), kwargs
+  return _apply_rules(weights, rules, kwargs, source, ignored, progress), kwargs
 
 
-def convert_diffusers_dit(model_dir: str) -> tuple[dict, dict]:
+def convert_diffusers_dit(model_dir: str, *, progress: bool = False) -> tuple[dict, dict]:
   """A diffusers DiT directory (config.json + diffusion_pytorch_model.safetensors)."""
   model_dir = _diffusers_dir(model_dir)
   cfg = hub_files.read_config(model_dir)
   weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
-  return diffusers_dit_params(weights, cfg, repr(model_dir))
+  return diffusers_dit_params(weights, cfg, repr(model_dir), progress=progress)
 
 
 def _pixart_kwargs(cfg: dict, source: str) -> dict:
@@ -336,38 +264,13 @@ def _pixart_kwargs(cfg: dict, source: str) -> dict:
   return kwargs
 
 
-def _pixart_rules(kwargs: dict, learned_null: bool) -> list[Rule]:
-  """Param path <- diffusers key rules of a PixArt model with `kwargs`."""
-  emb = "adaln_single.emb"
-  rules: list[Rule] = [
-    (("x_embedder", "kernel"), ("pos_embed.proj.weight",), "patch"),
-    (("x_embedder", "bias"), ("pos_embed.proj.bias",), "copy"),
-    *_linear(("t_embedder", "mlp_0"), [f"{emb}.timestep_embedder.linear_1"]),
-    *_linear(("t_embedder", "mlp_2"), [f"{emb}.timestep_embedder.linear_2"]),
-    *_linear(("t_block_1",), ["adaln_single.linear"]),
-    *_linear(("y_proj", "fc1"), ["caption_projection.linear_1"]),
-    *_linear(("y_proj", "fc2"), ["caption_projection.linear_2"]),
-    (("final_layer", "scale_shift_table"), ("scale_shift_table",), "copy"),
-    *_linear(("final_layer", "linear"), ["proj_out"]),
-  ]
-  if kwargs["size_conditioning"]:
-    for name in ("resolution", "aspect_ratio"):
-      rules += _linear((f"{name}_embedder", "mlp_0"), [f"{emb}.{name}_embedder.linear_1"])
-      rules += _linear((f"{name}_embedder", "mlp_2"), [f"{emb}.{name}_embedder.linear_2"])
-  if learned_null:
-    rules.append((("y_embedding",), ("y_embedding",), "copy"))
-  for i in range(kwargs["depth"]):
-    f, t = f"blocks_{i}", f"transformer_blocks.{i}"
-    rules += _block_rules(f, t, cross=True)
-    rules.append(((f, "scale_shift_table"), (f"{t}.scale_shift_table",), "copy"))
-  return rules
-
-
 def pixart_params(
   weights: Mapping[str, np.ndarray],
   cfg: dict,
   source: str = "<state dict>",
   null_caption: np.ndarray | None = None,
+  *,
+  progress: bool = False,
 ) -> tuple[dict, dict]:
   """diffusers PixArtTransformer2DModel state dict + config -> (params, model_kwargs).
 
@@ -389,11 +292,14 @@ def pixart_params(
   else:
     kwargs.update(null_caption="frozen")
 
-  rules = _pixart_rules(kwargs, learned_null=null_caption is not None)
-  return _apply_rules(weights, rules, kwargs, source), kwargs
+  learned = null_caption is not None
+  rules = pixart_rules(kwargs["depth"], kwargs["size_conditioning"], learned_null=learned)
+  return _apply_rules(weights, rules, kwargs, source, progress=progress), kwargs
 
 
-def convert_pixart(model_dir: str, null_caption: np.ndarray | None = None) -> tuple[dict, dict]:
+def convert_pixart(
+  model_dir: str, null_caption: np.ndarray | None = None, *, progress: bool = False
+) -> tuple[dict, dict]:
   """A diffusers PixArt-alpha/sigma transformer directory (or pipeline root).
 
   Returns (params, model_kwargs); see `pixart_params` for `null_caption`.
@@ -401,7 +307,7 @@ def convert_pixart(model_dir: str, null_caption: np.ndarray | None = None) -> tu
   model_dir = _diffusers_dir(model_dir)
   cfg = hub_files.read_config(model_dir)
   weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
-  return pixart_params(weights, cfg, repr(model_dir), null_caption)
+  return pixart_params(weights, cfg, repr(model_dir), null_caption, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,10 +319,18 @@ def convert_pixart(model_dir: str, null_caption: np.ndarray | None = None) -> tu
 #       --workdir=runs/pixart [--t5=/models/t5-v1_1-xxl --vae=/models/sd-vae-ft-ema]
 #   python -m dit.sample --workdir=runs/dit_xl --labels=207,360 --num=8
 
-KINDS = ("dit", "diffusers_dit", "pixart")
+#   python -m dit.models.convert --kind=sit --source=SiT-XL-2-256x256.pt --workdir=runs/sit_xl
+#
+# And back out (dit/models/export.py, docs/export.md): a workdir -> a diffusers directory.
+#   python -m dit.models.convert --export=diffusers --workdir=runs/digits --out=digits_diffusers
+
+# "sit": SiT's checkpoints are in DiT's layout; the config (configs/imagenet256_sit.py) makes
+# them flow-matching models with SiT's time convention.
+KINDS = ("dit", "sit", "diffusers_dit", "pixart")
 # The config each kind's settings start from (model fields are then replaced by the weights').
 _BASE_CONFIGS = {
   "dit": "imagenet256_dit.py",
+  "sit": "imagenet256_sit.py",
   "diffusers_dit": "imagenet256_dit.py",
   "pixart": "t2i_pixart.py",
 }
@@ -479,16 +393,18 @@ def main(argv: list[str]) -> None:
   from dit.cli import UserError, load_config
 
   f = flags.FLAGS
+  if f.export:
+    return _export(f)
   if not f.source or not f.workdir or f.kind not in KINDS:
     raise UserError(f"--source, --workdir and --kind (one of {KINDS}) are required.")
   try:
-    if f.kind == "dit":
-      params, kwargs = convert_dit_checkpoint(f.source, num_heads=f.num_heads)
+    if f.kind in ("dit", "sit"):
+      params, kwargs = convert_dit_checkpoint(f.source, f.num_heads, progress=f.progress)
     elif f.kind == "diffusers_dit":
-      params, kwargs = convert_diffusers_dit(f.source)
+      params, kwargs = convert_diffusers_dit(f.source, progress=f.progress)
     else:
       null = _null_caption(f.t5, f.caption_length) if f.t5 else None
-      params, kwargs = convert_pixart(f.source, null_caption=null)
+      params, kwargs = convert_pixart(f.source, null_caption=null, progress=f.progress)
   except (FileNotFoundError, ValueError, ImportError) as e:
     raise UserError(str(e)) from e
   base = load_config(f.config or _default_config_path(f.kind))
@@ -497,17 +413,56 @@ def main(argv: list[str]) -> None:
   print(f"wrote {workdir}/ckpt and {workdir}/config.json ({f.kind}: {kwargs})")
 
 
+def _export(f) -> None:
+  """--export=diffusers: the workdir's EMA (or raw) params -> a diffusers directory."""
+  import sys
+  import warnings
+
+  from dit.cli import UserError
+  from dit.models import export
+
+  if not f.workdir or not f.out:
+    raise UserError("--export=diffusers needs --workdir (a dit.train or convert run) and --out.")
+  if f.source or f.kind:
+    raise UserError("--source and --kind are for importing; --export reads --workdir.")
+  if not os.path.isfile(os.path.join(f.workdir, "config.json")):
+    raise UserError(f"--workdir {f.workdir!r} has no config.json: not a dit.train or convert run.")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Printed below, as one line each.
+    try:
+      summary = export.export_workdir(
+        f.workdir, f.out, use_ema=not f.raw_params, progress=f.progress
+      )
+    except ValueError as e:
+      raise UserError(str(e)) from e
+  for note in summary["warnings"]:
+    print(f"warning: {note}", file=sys.stderr)
+  params = "raw" if f.raw_params else "EMA"
+  print(
+    f"wrote {summary['out']}: {summary['model']} ({summary['tensors']} tensors, {params} "
+    f"params of {f.workdir}) + scheduler/ ({summary['scheduler']})"
+  )
+
+
 def define_flags() -> None:
   from absl import flags
 
   flags.DEFINE_string("source", None, "Checkpoint file (.pt / .safetensors) or directory.")
   flags.DEFINE_enum("kind", None, list(KINDS), "Checkpoint layout.")
-  flags.DEFINE_string("workdir", None, "Output: ckpt/ and config.json, as dit.train writes.")
+  flags.DEFINE_string(
+    "workdir", None, "Import: output ckpt/ and config.json, as dit.train writes; export: input."
+  )
   flags.DEFINE_string("config", None, "Base config file[:arg]; default by --kind.")
   flags.DEFINE_string("t5", None, "T5 directory: config.text.t5_path, PixArt's null caption.")
   flags.DEFINE_string("vae", None, "VAE directory for config.vae.path.")
   flags.DEFINE_integer("num_heads", None, "Heads of an official DiT (default by width).")
   flags.DEFINE_integer("caption_length", 120, "PixArt tokens per caption (120 alpha, 300 sigma).")
+  flags.DEFINE_enum(
+    "export", None, ["diffusers"], "Export --workdir instead: a diffusers model directory."
+  )
+  flags.DEFINE_string("out", None, "Export: the output directory (docs/export.md).")
+  flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA params.")
+  flags.DEFINE_bool("progress", True, "tqdm progress bars (--progress=false for logs).")
 
 
 def cli() -> None:
@@ -515,6 +470,17 @@ def cli() -> None:
   from dit.cli import run_command
 
   define_flags()
+  run_command(main)
+
+
+def export_cli() -> None:
+  """dit-export: `python -m dit.models.convert --export=diffusers` (docs/export.md)."""
+  from absl import flags
+
+  from dit.cli import run_command
+
+  define_flags()
+  flags.FLAGS.set_default("export", "diffusers")
   run_command(main)
 
 
