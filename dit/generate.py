@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from dit import checkpoint
 from dit.cli import UserError
@@ -666,18 +666,70 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_grid(images, path: str, nrow: int = 10, upscale: int | None = None) -> None:
-  """Writes (N, H, W, C) images in [-1, 1] as a PNG grid with `nrow` images per row."""
+GRID_BACKGROUND = 128  # Mid grey: cells stay apart whether images are dark or light.
+
+
+def grid_image(
+  images,
+  nrow: int = 10,
+  upscale: int | None = None,
+  *,
+  row_labels: Sequence[str] | None = None,
+  caption: str = "",
+) -> Image.Image:
+  """(N, H, W, C) images in [-1, 1] as an RGB grid of `nrow` per row: cells upscaled
+  (nearest) so that tiny images stay visible, separated by grey padding, with an optional
+  label left of each row and a caption line below."""
   x = to_uint8(images)
   n, h, w, c = x.shape
+  x = np.repeat(x, 3, axis=-1) if c == 1 else x[..., :3]
+  upscale = upscale or max(1, 320 // (nrow * w))
+  x = x.repeat(upscale, axis=1).repeat(upscale, axis=2)
+  h, w = h * upscale, w * upscale
+  pad = max(2, h // 16)
   rows = -(-n // nrow)
-  x = np.concatenate([x, np.zeros((rows * nrow - n, h, w, c), np.uint8)])
-  x = x.reshape(rows, nrow, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, nrow * w, c)
-  image = Image.fromarray(x[..., 0] if c == 1 else x[..., :3])
-  upscale = upscale or max(1, 320 // (nrow * w))  # Tiny digits stay visible.
-  if upscale > 1:
-    image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-  image.save(path)
+  font = ImageFont.load_default()
+  labels = [str(v) for v in (row_labels or [])][:rows]
+  left = max((int(font.getlength(s)) for s in labels), default=0)
+  left = left + 2 * pad if labels else 0
+  bottom = 14 + pad if caption else 0
+  size = (left + pad + nrow * (w + pad), pad + rows * (h + pad) + bottom)
+  canvas = Image.new("RGB", size, (GRID_BACKGROUND,) * 3)
+  draw = ImageDraw.Draw(canvas)
+  for i in range(n):
+    r, col = divmod(i, nrow)
+    canvas.paste(Image.fromarray(x[i]), (left + pad + col * (w + pad), pad + r * (h + pad)))
+  for r, label in enumerate(labels):
+    draw.text((pad, pad + r * (h + pad) + h // 2 - 5), label, fill=(255, 255, 255), font=font)
+  if caption:
+    draw.text((left + pad, size[1] - 14), caption, fill=(255, 255, 255), font=font)
+  return canvas
+
+
+def save_grid(
+  images,
+  path: str,
+  nrow: int = 10,
+  upscale: int | None = None,
+  *,
+  row_labels: Sequence[str] | None = None,
+  caption: str = "",
+) -> None:
+  """Writes `grid_image(images, ...)` as a PNG."""
+  grid_image(images, nrow, upscale, row_labels=row_labels, caption=caption).save(path)
+
+
+def grid_caption(config: ml_collections.ConfigDict, settings=None, cfg_scale=None) -> str:
+  """The caption "sampler, N steps, guidance W" of the settings (default: config.sample's)."""
+  settings = settings or sampler_settings(config)
+  scale = config.sample.cfg_scale if cfg_scale is None else cfg_scale
+  return f"{settings.sampler}, {settings.steps} steps, guidance {float(scale):g}"
+
+
+def grid_row_labels(config: ml_collections.ConfigDict) -> list[str] | None:
+  """The label of each row of `class_grid`: the class index, or the digit prompt's digit."""
+  rows = grid_rows(config)
+  return [str(k) for k in range(rows)] if rows else None
 
 
 def sample_cond(config: ml_collections.ConfigDict, num: int, prompts, labels) -> tuple[dict, int]:

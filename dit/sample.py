@@ -149,6 +149,14 @@ def sample_options(config: ml_collections.ConfigDict) -> dict:
   return {**options, **_edit_options(config)}
 
 
+def _row_labels(config: ml_collections.ConfigDict, num: int, per_row: int) -> list[str] | None:
+  """Class labels for the default grid when its rows are whole classes (e.g. 100 of 10)."""
+  labels = generate.grid_row_labels(config)
+  if FLAGS.labels or FLAGS.prompt or not labels or num != per_row * len(labels):
+    return None
+  return labels
+
+
 def _config_source() -> str:
   return "--config" if FLAGS.config is not None else f"{FLAGS.workdir}/config.json"
 
@@ -182,7 +190,9 @@ def main(argv: list[str]) -> None:
   if out.endswith(".npz"):
     np.savez(out, images=generate.to_uint8(images))
   else:
-    generate.save_grid(images, out, nrow=per_row)
+    caption = generate.grid_caption(config, options["settings"], options["cfg_scale"])
+    labels = _row_labels(config, num, per_row)
+    generate.save_grid(images, out, nrow=per_row, row_labels=labels, caption=caption)
   print(f"wrote {out}")
 
 

@@ -426,6 +426,12 @@ class MetricWriter:
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
 
+  def image(self, tag: str, image: np.ndarray, step: int) -> None:
+    """An (H, W, 3) uint8 image, e.g. a sample grid, to TensorBoard."""
+    if self.active:
+      self.tb.add_image(tag, image, step, dataformats="HWC")
+      self.tb.flush()
+
   def close(self) -> None:
     if self.active:
       self.jsonl.close()
@@ -803,7 +809,7 @@ def _sample_and_evaluate(s: Setup, host: State, step, workdir, writer, best_mngr
   if config.sample_every and step % config.sample_every == 0:
     params = _eval_params(s, host)
     if jax.process_index() == 0:
-      _write_samples(s, params, workdir, f"samples/step_{step:06d}.png")
+      _write_samples(s, params, workdir, f"samples/step_{step:06d}.png", writer, step)
   if eval_every(config) and step % eval_every(config) == 0:
     results = _evaluate(config, s.model, _eval_params(s, host), step)
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
@@ -834,12 +840,21 @@ def _evaluate(config, model, params, step: int) -> dict[str, float]:
   return results
 
 
-def _write_samples(s: Setup, params, workdir: str, name: str) -> None:
+def _write_samples(s: Setup, params, workdir: str, name: str, writer=None, step: int = 0):
+  """The class grid as workdir/name (and as a TensorBoard image with a writer)."""
   config = s.config
   images = generate.class_grid(config, s.model, params, s.schedule, jax.random.PRNGKey(config.seed))
   path = os.path.join(workdir, name)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  generate.save_grid(images, path, nrow=config.model.num_classes or 10)
+  grid = generate.grid_image(
+    images,
+    nrow=config.model.num_classes or 10,
+    row_labels=generate.grid_row_labels(config),
+    caption=generate.grid_caption(config),
+  )
+  grid.save(path)
+  if writer is not None:
+    writer.image("samples", np.asarray(grid), step)
 
 
 # ---- Command line ------------------------------------------------------------------------

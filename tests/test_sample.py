@@ -97,9 +97,13 @@ def test_convert_command_then_sample(official, tmp_path):
   np.testing.assert_array_equal(cond["label"], [1, 7, 1, 7])
   key = jax.random.PRNGKey(0)
   images = generate.generate(restored_config, model, restored, cond, key, 4, steps=3)
-  generate.save_grid(generate.decode(restored_config, images), str(tmp_path / "want.png"), per_row)
-  got, want = (np.asarray(Image.open(p)) for p in (out, tmp_path / "want.png"))
-  assert got.shape == (320, 320, 3) and per_row == 2
+  settings = generate.sampler_settings(restored_config, steps=3)
+  caption = generate.grid_caption(restored_config, settings)
+  assert caption == "ddim, 3 steps, guidance 1.5"
+  want_path = str(tmp_path / "want.png")
+  generate.save_grid(generate.decode(restored_config, images), want_path, per_row, caption=caption)
+  got, want = (np.asarray(Image.open(p)) for p in (out, want_path))
+  assert got.shape == want.shape and per_row == 2
   # Another process, the same programs: equal up to a rounding step of the uint8 conversion.
   assert np.abs(got.astype(int) - want).max() <= 1
   assert got.std() > 10  # Not a blank grid.
@@ -256,3 +260,27 @@ def test_flow_model_takes_every_option(tmp_path):
   guided = generate.generate(config, model, params, cond, key, 2, steps=4)
   np.testing.assert_allclose(off, unguided, atol=1e-5)
   assert np.abs(np.asarray(guided) - np.asarray(off)).max() > 1e-3
+
+
+def test_grid_cells_are_padded_and_rows_labelled():
+  # 5 images of 4 x 4, 2 per row: 3 rows, the last one half empty; cells upscaled x3.
+  images = np.linspace(-1, 1, 5 * 4 * 4).reshape(5, 4, 4, 1)
+  plain = np.asarray(generate.grid_image(images, nrow=2, upscale=3))
+  pad = 2  # max(2, 12 // 16)
+  assert plain.shape == (pad + 3 * (12 + pad), pad + 2 * (12 + pad), 3)
+  cells = generate.to_uint8(images).repeat(3, axis=1).repeat(3, axis=2)
+  for i in range(5):
+    r, c = divmod(i, 2)
+    y, x = pad + r * (12 + pad), pad + c * (12 + pad)
+    np.testing.assert_array_equal(plain[y : y + 12, x : x + 12, 0], cells[i, ..., 0])
+  # Between the cells, and where the sixth image would be: the grey background.
+  assert (plain[:pad] == generate.GRID_BACKGROUND).all()
+  assert (plain[:, 14:16] == generate.GRID_BACKGROUND).all()
+  assert (plain[30:42, 16:28] == generate.GRID_BACKGROUND).all()
+  labelled = np.asarray(
+    generate.grid_image(images, nrow=2, upscale=3, row_labels=["0", "1", "2"], caption="ddim")
+  )
+  assert labelled.shape[1] > plain.shape[1] and labelled.shape[0] > plain.shape[0]
+  left = labelled.shape[1] - plain.shape[1]
+  assert (labelled[:, :left] > 200).any()  # Label text (antialiased) left of the rows ...
+  assert (labelled[-12:] > 200).any()  # ... and the caption below them.

@@ -204,9 +204,11 @@ def test_sample_command_with_prompts(trained, tmp_path):
   cond, per_row = generate.sample_cond(config, 4, prompts, None)
   np.testing.assert_array_equal(cond["drop"], [False, False, True, True])
   images = generate.generate(config, model, params, cond, jax.random.PRNGKey(0), 4)
-  generate.save_grid(images, str(tmp_path / "want.png"), nrow=per_row)
+  settings = generate.sampler_settings(config)
+  caption = generate.grid_caption(config, settings)
+  generate.save_grid(images, str(tmp_path / "want.png"), nrow=per_row, caption=caption)
   got, want = (np.asarray(Image.open(p)) for p in (out, tmp_path / "want.png"))
-  assert got.shape == (320, 320) and per_row == 2
+  assert got.shape == want.shape and per_row == 2
   assert np.abs(got.astype(int) - want).max() <= 1  # Another process: rounding at most.
   assert got.std() > 10
   # Without --config: the run's config.json.
@@ -226,6 +228,7 @@ def _run(module, *args):
   )
 
 
+@pytest.mark.slow  # T5 and VAE loading have default tests of their own (test_t5, test_vae).
 def test_latent_pipeline_with_t5_and_vae_directories(tmp_path):
   """prompt -> T5 (local dir) -> DiT -> VAE decode (local dir) -> PNG, all tiny and random."""
   torch = pytest.importorskip("torch")

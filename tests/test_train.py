@@ -73,7 +73,9 @@ def test_run_writes_workdir(trained):
   assert int(trained.state["step"]) == 4
   files = set(os.listdir(trained.workdir))
   assert {"config.json", "metrics.jsonl", "ckpt", "ckpt_best", "tb", "grid.png"} <= files
-  assert os.listdir(os.path.join(trained.workdir, "tb"))
+  tb = os.path.join(trained.workdir, "tb")
+  events = b"".join(open(os.path.join(tb, name), "rb").read() for name in os.listdir(tb))
+  assert b"samples" in events and b"PNG" in events  # The periodic grid as a TB image.
   assert os.listdir(os.path.join(trained.workdir, "samples")) == ["step_000004.png"]
   assert sorted(os.listdir(os.path.join(trained.workdir, "ckpt"))) == ["2", "4"]
   with open(os.path.join(trained.workdir, "config.json")) as f:
@@ -555,6 +557,7 @@ def test_peak_flops_table():
   assert hardware.peak_tflops(fake("cpu")) is None
 
 
+@pytest.mark.slow  # size_cond and the micro-conditioning layers have their own default tests.
 def test_size_conditioning_model_trains(tmp_path):
   """A PixArt-alpha micro-conditioned model (what the PixArt converter produces) trains
   through the loop: every batch carries the trained image size."""
