@@ -18,11 +18,13 @@ Note: diffusers' DiT gives every block its own timestep/label embedder (the conv
 checkpoint copies the shared one into each block), so it has more parameters for AdamW to
 update; the matmul FLOPs are the same to within 0.1%.
 
---threads=N gives each side N threads (torch.set_num_threads, and XLA's CPU thread pool via
-XLA_FLAGS, set before JAX starts). A figure counts only on an idle machine: the 1-minute load
-average is recorded before and after, and when either reaches the core count the result is
-marked "noisy" and written only with --allow_noisy (a ratio taken under load is noise: one
-taken at load 15 read 0.41 where the idle machine gives 1.39).
+--threads=N gives each side N threads (torch.set_num_threads, and XLA's Eigen thread pool via
+XLA_FLAGS, set before JAX starts). XLA's CPU runtime keeps threads of its own beyond Eigen's,
+so for a true one-core comparison pin the process: `taskset -c 0 python benchmarks/vs_pytorch.py
+--threads=1` (the JSON records the CPUs the process may use). A figure counts only on an idle
+machine: the 1-minute load average is recorded before and after, and when either reaches the
+core count the result is marked "noisy" and written only with --allow_noisy (a ratio taken
+under load is noise: one taken at load 15 read 0.41; idle figures: docs/performance.md).
 
 Writes benchmarks/results/vs_pytorch_<model>_<backend>[_<N>threads].json unless --out is given.
 """
@@ -160,10 +162,9 @@ def torch_step(m, data: dict[str, np.ndarray], device: str, dtype: str):
 
 
 def set_xla_threads(n: int) -> None:
-  """XLA's CPU threads = n; only effective before JAX's backend starts (first computation)."""
+  """Eigen's threads on (n > 1) or off (n = 1); only before JAX's backend starts."""
   flags = os.environ.get("XLA_FLAGS", "")
   flags += f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
-  flags += f" intra_op_parallelism_threads={n}"
   os.environ["XLA_FLAGS"] = flags.strip()
 
 
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     "torch_device": args.torch_device,
     "torch_threads": threads,
     "threads_per_side": args.threads or None,
+    "cpus_allowed": len(os.sched_getaffinity(0)),
     "load_average_1min_before": load_before,
     "load_average_1min_after": load_after,
     "noisy": noisy(load_before, load_after, os.cpu_count() or 1),
