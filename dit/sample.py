@@ -83,6 +83,10 @@ def help_notes() -> str:
     + ", ".join(choices["sample.sampler (diffusion)"])
     + " (lcm: distilled models only); flow-matching models: "
     + ", ".join(choices["sample.sampler (flow)"])
+    + ". Default time grids: the diffusion samplers use 'trailing' timestep spacing (starts at "
+    "t = T - 1; config.sample.timestep_spacing: leading | linspace | trailing, each with "
+    "diffusers' formula for that scheduler), lcm its distillation grid, the flow samplers "
+    "'uniform' times (config.sample.spacing: uniform | diffusers)"
     + ". Editing (--init_image, --mask) and guidance (--guidance_rescale, --guidance_interval) "
     "work with every sampler of both families. See docs/samplers.md, docs/flow_matching.md "
     "and, for Python, docs/api.md."
