@@ -37,6 +37,18 @@ def check_init(x_init: Array, shape: tuple[int, ...]) -> None:
     raise ValueError(f"x_init shape {x_init.shape} != sample shape {shape}")
 
 
+def start_index(steps: int, shape, x_init, strength: float, mask, resample: int) -> int:
+  """The first kept grid point (0 without x_init), after checking the editing inputs."""
+  if (mask is not None or strength != 1.0) and x_init is None:
+    raise ValueError("img2img (strength < 1) and inpainting (mask) need x_init")
+  if resample != 1 and mask is None:
+    raise ValueError("resample (RePaint) needs a mask")
+  if x_init is None:
+    return 0
+  check_init(x_init, shape)
+  return img2img_start(steps, strength)
+
+
 def img2img_start(steps: int, strength: float) -> int:
   """Index of the first grid point kept for img2img at `strength` in (0, 1] (diffusers)."""
   if not 0.0 < strength <= 1.0:

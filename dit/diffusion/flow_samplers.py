@@ -3,7 +3,7 @@ DPM-Solver++ / UniPC on flow times, each one jitted `lax.scan` (dit.diffusion.sa
 
 Time runs from t = 1 (noise) to t = 0 (data) in the notation of dit.diffusion.flow; the state
 is x_t = alpha(t) x0 + sigma(t) eps itself, so guidance, img2img and inpainting work as for
-the discrete samplers (`samplers._initial_state`, `editing`). Each scan step is one model
+the discrete samplers (`samplers.drive`, `editing`). Each scan step is one model
 evaluation; `Plan.infos` carries per step the model time "t", the flow time "tau", the
 interpolant's coefficients "a", "s" there and "a_next", "s_next" of the state after the step.
 
@@ -433,19 +433,10 @@ def sample(
   """
   settings = dataclasses.replace(settings or FlowSamplerSettings(), **setting_kwargs)
   settings.check()
-  if (mask is not None or strength != 1.0) and x_init is None:
-    raise ValueError("img2img (strength < 1) and inpainting (mask) need x_init")
-  start = 0
-  if x_init is not None:
-    editing.check_init(x_init, x_T.shape)
-    start = editing.img2img_start(settings.steps, strength)
-  if resample != 1 and mask is None:
-    raise ValueError("resample (RePaint) needs a mask")
+  start = editing.start_index(settings.steps, x_T.shape, x_init, strength, mask, resample)
   plan = build_plan(flow, settings, start)
-  k_init, k_steps = jax.random.split(key)
-  plan = samplers._step_keys_and_repaint(plan, k_steps, resample, settings.sampler)
-  x, paste = samplers._initial_state(plan, x_T, x_init, mask, start, k_init)
   predict = make_predict(model, flow, settings.clip_x0)
-  return samplers.run_plan(
-    plan, predict, x, noise=noise, paste=paste, return_trajectory=return_trajectory
-  )
+  return samplers.drive(
+    plan, predict, x_T, key, x_init=x_init, mask=mask, start=start, resample=resample,
+    sampler=settings.sampler, noise=noise, return_trajectory=return_trajectory,
+  )  # fmt: skip

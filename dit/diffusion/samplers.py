@@ -1132,20 +1132,36 @@ def sample(
   if settings.variance is None:
     variance = "learned_range" if learn_sigma else "fixed_small"
     settings = dataclasses.replace(settings, variance=variance)
-  if (mask is not None or strength != 1.0) and x_init is None:
-    raise ValueError("img2img (strength < 1) and inpainting (mask) need x_init")
-  start = 0
-  if x_init is not None:
-    editing.check_init(x_init, x_T.shape)
-    start = editing.img2img_start(settings.steps, strength)
-  if resample != 1 and mask is None:
-    raise ValueError("resample (RePaint) needs a mask")
+  start = editing.start_index(settings.steps, x_T.shape, x_init, strength, mask, resample)
   plan = build_plan(schedule, settings, start)
+  predict = make_predict(denoise, plan.space, prediction, learn_sigma, settings.clip_x0)
+  return drive(
+    plan, predict, x_T, key, x_init=x_init, mask=mask, start=start, resample=resample,
+    sampler=settings.sampler, noise=noise, return_trajectory=return_trajectory,
+  )  # fmt: skip
+
+
+def drive(
+  plan: Plan,
+  predict: Predict,
+  x_T: Array,
+  key: Array,
+  *,
+  x_init: Array | None,
+  mask: Array | None,
+  start: int,
+  resample: int,
+  sampler: str,
+  noise: Array | None = None,
+  return_trajectory: bool = False,
+):
+  """Runs `plan` from unit noise x_T (or x_init noised at grid point `start`, or inpainting
+  with `mask`): per-step keys and RePaint repeats, the start state, then `run_plan`. Shared
+  by the discrete and the flow samplers."""
   k_init = key
   if plan.needs_noise or mask is not None:
     # Deterministic sampling without a mask uses no key: no PRNG op is traced.
     k_init, k_steps = jax.random.split(key)
-    plan = _step_keys_and_repaint(plan, k_steps, resample, settings.sampler)
+    plan = _step_keys_and_repaint(plan, k_steps, resample, sampler)
   x, paste = _initial_state(plan, x_T, x_init, mask, start, k_init)
-  predict = make_predict(denoise, plan.space, prediction, learn_sigma, settings.clip_x0)
   return run_plan(plan, predict, x, noise=noise, paste=paste, return_trajectory=return_trajectory)
