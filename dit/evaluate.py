@@ -33,6 +33,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool(
     "raw_params", False, "Evaluate the raw instead of the EMA parameters.", flag_values=flag_values
   )
+  flags.DEFINE_bool(
+    "progress", True, "A tqdm bar with ETA over the sampling (--noprogress for logs).",
+    flag_values=flag_values,
+  )  # fmt: skip
 
 
 def help_notes() -> str:
@@ -67,7 +71,8 @@ def main(argv: list[str]) -> None:
   evaluation.check_eval_config(config)
   check_writable(path)
   model, params = generate.load_params(config, FLAGS.workdir, use_ema=not FLAGS.raw_params)
-  result = evaluation.evaluate(config, model, params, jax.random.PRNGKey(FLAGS.seed))
+  key = jax.random.PRNGKey(FLAGS.seed)
+  result = evaluation.evaluate(config, model, params, key, progress=FLAGS.progress)
   result.update(
     sampler=config.sample.sampler, steps=config.sample.steps, cfg_scale=config.sample.cfg_scale
   )

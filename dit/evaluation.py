@@ -22,20 +22,23 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from dit import fid_stats, generate, metrics
 from dit.cli import UserError
 from dit.diffusion import flow, flow_samplers, samplers, schedules
 
 
-def generate_samples(config, model, params, key, num: int, batch_size: int):
-  """(num, H, W, C) images in [-1, 1] and their labels (num,), class-balanced.
+def generate_samples(config, model, params, key, num: int, batch_size: int, progress=False):
+  """(num, H, W, C) images in [-1, 1] and their labels (num,), class-balanced; with
+  `progress`, a tqdm bar (images, rate, ETA) on stderr.
 
   Class models are conditioned on the labels, text models on the digit prompts of
   config.sample.prompt_template; latents are decoded with the VAE of config.vae.path.
   """
   labels = generate.grid_labels(num, generate.grid_rows(config) or 1)
   images = []
+  bar = tqdm(total=num, desc="sampling", unit="img", disable=not progress)
   for i, start in enumerate(range(0, num, batch_size)):
     chunk = labels[start : start + batch_size]
     # Pad the last batch so every batch compiles to the same program.
@@ -43,6 +46,8 @@ def generate_samples(config, model, params, key, num: int, batch_size: int):
     cond = generate.label_cond(config, padded)
     out = generate.generate(config, model, params, cond, jax.random.fold_in(key, i), batch_size)
     images.append(np.asarray(generate.decode(config, out))[: len(chunk)])
+    bar.update(len(chunk))
+  bar.close()
   return np.concatenate(images), labels
 
 
@@ -73,12 +78,17 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def evaluate(config: ml_collections.ConfigDict, model, params, key: jax.Array) -> dict:
-  """Samples config.eval.num_samples images and returns the metrics as floats."""
+def evaluate(
+  config: ml_collections.ConfigDict, model, params, key: jax.Array, progress: bool = False
+) -> dict:
+  """Samples config.eval.num_samples images and returns the metrics as floats (with
+  `progress`, a tqdm bar over the sampling)."""
   check_eval_config(config)
   e = config.eval
   start = time.perf_counter()
-  images, labels = generate_samples(config, model, params, key, e.num_samples, e.batch_size)
+  images, labels = generate_samples(
+    config, model, params, key, e.num_samples, e.batch_size, progress
+  )
   if not np.all(np.isfinite(images)):
     raise FloatingPointError("The sampler produced NaN/Inf images; the checkpoint is broken.")
   result = {"num_samples": int(len(images)), "sample_seconds": time.perf_counter() - start}

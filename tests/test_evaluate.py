@@ -28,6 +28,7 @@ def test_evaluate_command_writes_eval_json(trained):
     **{"eval.num_samples": 100, "eval.batch_size": 50},
   )
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "sampling: 100%" in result.stderr and "100/100" in result.stderr  # The tqdm bar.
   with open(f"{trained}/eval.json") as f:
     out = json.load(f)
   assert out["num_samples"] == 100
@@ -55,7 +56,9 @@ def test_generate_samples_is_class_balanced_and_deterministic():
   model = dit_model.build_model(config.model)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), *dit_model.example_inputs(model))["params"]
   a, labels = evaluation.generate_samples(config, model, params, jax.random.PRNGKey(1), 30, 20)
-  b, _ = evaluation.generate_samples(config, model, params, jax.random.PRNGKey(1), 30, 20)
+  b, _ = evaluation.generate_samples(
+    config, model, params, jax.random.PRNGKey(1), 30, 20, progress=True
+  )
   assert a.shape == (30, 8, 8, 1) and np.all(np.abs(a) <= 1.0)
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [3] * 10)
   np.testing.assert_array_equal(a, b)
