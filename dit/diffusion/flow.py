@@ -197,19 +197,26 @@ def num_tokens(model_config: Any) -> int:
   return (model_config.input_size // model_config.patch_size) ** 2
 
 
-def check_config(flow_config: Any) -> None:
-  """Raises ValueError for an unknown key or value of config.flow, naming the valid ones."""
+def fields(flow_config: Any) -> dict[str, Any]:
+  """Every FLOW_FIELDS key of config.flow (absent ones at their defaults), checked: an
+  unknown key or value is a ValueError naming the valid ones."""
   unknown = sorted(set(flow_config) - set(FLOW_FIELDS))
   if unknown:
     raise ValueError(f"Unknown config.flow keys {unknown}; valid keys: {', '.join(FLOW_FIELDS)}")
-  _check("time_sampler", flow_config.get("time_sampler", "logit_normal"), TIME_SAMPLERS)
-  _check("weighting", flow_config.get("weighting", "uniform"), WEIGHTINGS)
+  f = {k: flow_config.get(k, v) for k, v in FLOW_FIELDS.items()}
+  _check("time_sampler", f["time_sampler"], TIME_SAMPLERS)
+  _check("weighting", f["weighting"], WEIGHTINGS)
+  return f
+
+
+def check_config(flow_config: Any) -> None:
+  """Raises ValueError for an unknown key or value of config.flow, naming the valid ones."""
+  fields(flow_config)
 
 
 def from_config(config: Any) -> Flow:
   """The `Flow` of config.flow; dynamic_shift resolves Flux's shift from config.model's tokens."""
-  f = {k: config.flow.get(k, v) for k, v in FLOW_FIELDS.items()}
-  check_config(config.flow)
+  f = fields(config.flow)
   shift = dynamic_shift(num_tokens(config.model)) if f["dynamic_shift"] else float(f["shift"])
   return Flow(
     interpolant=f["interpolant"],

@@ -18,7 +18,7 @@ from dit.objectives.base import Apply, Objective, batch_cond, per_example
 def make_objective(config: ml_collections.ConfigDict, apply: Apply) -> Objective:
   """The flow-matching objective of config.flow for the model `apply`."""
   flow = flow_lib.from_config(config)
-  f = {k: config.flow.get(k, v) for k, v in flow_lib.FLOW_FIELDS.items()}
+  f = flow_lib.fields(config.flow)
   lo, hi = flow.t_range
   drop_prob = config.model.get("class_dropout_prob", 0.0)
   # Flow matching learns no variance; a model with variance channels (SiT's checkpoints keep
