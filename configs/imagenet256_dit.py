@@ -76,7 +76,7 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16) | "einsum".
   c.model.dtype = "bfloat16"  # Compute dtype; params stay float32.
   c.model.remat = False
-  c.model.remat_policy = ""  # With remat: "" or a dit.models.blocks.REMAT_POLICIES name.
+  c.model.remat_policy = ""  # With remat: "" or a dit.models.repeat.REMAT_POLICIES name.
   c.model.scan = False  # The blocks as one lax.scan: one block compiled (same params).
 
   c.diffusion = ml_collections.ConfigDict()

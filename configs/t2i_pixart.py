@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.null_caption = "learned"
   c.model.dtype = "float32"
   c.model.remat = False
-  c.model.remat_policy = ""  # With remat: "" or a dit.models.blocks.REMAT_POLICIES name.
+  c.model.remat_policy = ""  # With remat: "" or a dit.models.repeat.REMAT_POLICIES name.
   c.model.scan = False  # The blocks as one lax.scan: one block compiled (same params).
 
   c.diffusion = ml_collections.ConfigDict()

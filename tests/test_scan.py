@@ -13,7 +13,7 @@ import numpy as np
 import numpy_dit
 import pytest
 
-from dit.models import blocks, flops
+from dit.models import flops, repeat
 from dit.models.dit import BLOCKS, DiT, example_inputs
 
 # Depth 2: a wrong block order or a block run twice changes the result.
@@ -134,7 +134,7 @@ def test_stack_unstack_round_trip_keeps_the_block_order():
     for i in range(12)
   }
   params["final_layer"] = {"kernel": np.ones((2, 2), np.float32)}
-  stacked = blocks.stack_blocks(params)
+  stacked = repeat.stack_blocks(params)
   assert set(stacked) == {"blocks", "final_layer"}
   assert stacked["blocks"]["attn"]["kernel"].shape == (12, 3, 2)
   np.testing.assert_array_equal(stacked["blocks"]["bias"][:, 0], np.arange(12.0))
@@ -142,14 +142,14 @@ def test_stack_unstack_round_trip_keeps_the_block_order():
     np.testing.assert_array_equal(
       stacked["blocks"]["attn"]["kernel"][i], params[f"blocks_{i}"]["attn"]["kernel"]
     )
-  back = blocks.unstack_blocks(stacked)
+  back = repeat.unstack_blocks(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, back, params)  # Lossless: bit for bit.
   # The boundary: one block; and a gap in the numbering is an error, not a silent reorder.
-  one = blocks.stack_blocks({"blocks_0": {"w": np.ones(2)}})
+  one = repeat.stack_blocks({"blocks_0": {"w": np.ones(2)}})
   np.testing.assert_array_equal(one["blocks"]["w"], np.ones((1, 2)))
   with pytest.raises(ValueError, match=r"blocks_0 \.\. blocks_\{n-1\}, got blocks \[0, 2\]"):
-    blocks.stack_blocks({"blocks_0": {"w": np.ones(2)}, "blocks_2": {"w": np.ones(2)}})
+    repeat.stack_blocks({"blocks_0": {"w": np.ones(2)}, "blocks_2": {"w": np.ones(2)}})
 
 
 def test_one_block_is_traced_however_deep():
@@ -196,7 +196,7 @@ def test_remat_saves_memory_unrolled_and_scanned():
 
 
 def test_remat_policy_names():
-  for name, policy in blocks.REMAT_POLICIES.items():
+  for name, policy in repeat.REMAT_POLICIES.items():
     assert (policy() is None) == (name == "")  # Every name resolves in this jax version.
   model = DiT(**TINY, num_classes=10)
   inputs = example_inputs(model)

@@ -30,9 +30,9 @@ from dit.models.blocks import (
   FinalLayer,
   ModulatedBlock,
   Modulation,
-  repeat_blocks,
 )
 from dit.models.layers import Mlp, xavier_uniform, zeros
+from dit.models.repeat import repeat_blocks
 
 
 class AdaLNBlock(ModulatedBlock):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from dit.models import ablation_blocks, blocks
+from dit.models import ablation_blocks, blocks, repeat
 from dit.models.blocks import BlockSettings, BlockType, Conditioning
 from dit.models.layers import (
   Mlp,
@@ -94,7 +94,7 @@ class DiT(nn.Module):
     remat: rematerialise each block in the backward pass: only a block's input (and what
       remat_policy keeps) is saved for it, its forward is recomputed in the backward pass.
     remat_policy: with remat (ignored without), what else is kept: "" (nothing) or a name in
-      blocks.REMAT_POLICIES, e.g. "dots_with_no_batch_dims_saveable" (the matmul outputs) or
+      repeat.REMAT_POLICIES, e.g. "dots_with_no_batch_dims_saveable" (the matmul outputs) or
       "offload_dot_with_no_batch_dims" (the same, moved to host memory; needs scan).
     scan: run the depth blocks as one lax.scan over their stacked params (one block traced
       and compiled, instead of depth); the params keep their per-block layout, blocks_{i}.
@@ -146,12 +146,12 @@ class DiT(nn.Module):
       )
     if self.null_caption not in ("learned", "frozen"):
       raise ValueError(f"null_caption must be 'learned' or 'frozen', got {self.null_caption!r}")
-    if self.remat_policy not in blocks.REMAT_POLICIES:
-      policies = sorted(name for name in blocks.REMAT_POLICIES if name)
+    if self.remat_policy not in repeat.REMAT_POLICIES:
+      policies = sorted(name for name in repeat.REMAT_POLICIES if name)
       raise ValueError(f"remat_policy must be '' or one of {policies}, got {self.remat_policy!r}")
     if self.remat and self.remat_policy.startswith("offload") and not self.scan:
       # Unrolled, the recomputation is ordered by arithmetic on the kept values (see
-      # blocks.remat_in_order), which would then run on host memory.
+      # repeat.remat_in_order), which would then run on host memory.
       raise ValueError(f"remat_policy={self.remat_policy!r} needs scan=True")
     if self.hidden_size % self.num_heads:
       raise ValueError(
