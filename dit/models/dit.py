@@ -16,6 +16,7 @@ blocks_{i}/{attn,cross_attn,mlp,adaLN_modulation_1,scale_shift_table}, final_lay
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,11 @@ BLOCKS: dict[str, BlockType] = {
   "cross_attn": ablation_blocks.CROSS_ATTN,
   "in_context": ablation_blocks.IN_CONTEXT,
 }
+
+# config.model.arch -> the module that builds that architecture from the rest of config.model,
+# with `build_model(kwargs) -> nn.Module`; the module's model class has `example_inputs(b)`.
+# "dit" (DiT, PixArt and the DiT-paper ablations) is this file.
+ARCHS = {"dit": __name__, "mmdit": "dit.models.mmdit", "flux": "dit.models.flux"}
 
 # config.model keys that are training settings, read by the train loop's objective (the
 # label/caption dropout probability), not DiT fields; build_model ignores them.
@@ -318,6 +324,8 @@ def example_inputs(model: DiT, batch_size: int = 1) -> tuple[jax.Array, jax.Arra
   "text" (B, caption_length, caption_channels) and "text_mask", "resolution" (B, 2) and
   "aspect_ratio" (B, 1), "guidance" (B,).
   """
+  if not isinstance(model, DiT):
+    return model.example_inputs(batch_size)
   b, s = batch_size, model.input_size
   x = jnp.zeros((b, s, s, model.in_channels), jnp.float32)
   t = jnp.zeros((b,), jnp.float32)
@@ -356,13 +364,19 @@ def legacy_block(adaln: str = "zero", conditioning: str = "adaln_zero") -> str:
   return LEGACY_BLOCKS[adaln, conditioning]
 
 
-def build_model(model_config: Mapping[str, Any]) -> DiT:
-  """Builds a DiT from `config.model` (a ConfigDict or dict); unknown keys are an error.
+def build_model(model_config: Mapping[str, Any]) -> nn.Module:
+  """Builds the model of `config.model` (a ConfigDict or dict); unknown keys are an error.
 
-  Also reads model sections written before `block` existed (keys adaln, conditioning), and
-  ignores TRAINING_KEYS (class_dropout_prob, the train loop's).
+  config.model.arch (default "dit") names the architecture, a key of ARCHS. For DiT, also
+  reads model sections written before `block` existed (keys adaln, conditioning). Ignores
+  TRAINING_KEYS (class_dropout_prob, the train loop's).
   """
   kwargs = {k: v for k, v in dict(model_config).items() if k not in TRAINING_KEYS}
+  arch = kwargs.pop("arch", "dit")
+  if arch not in ARCHS:
+    raise ValueError(f"config.model.arch must be one of {sorted(ARCHS)}, got {arch!r}")
+  if arch != "dit":
+    return importlib.import_module(ARCHS[arch]).build_model(kwargs)
   if "adaln" in kwargs or "conditioning" in kwargs:
     block = legacy_block(kwargs.pop("adaln", "zero"), kwargs.pop("conditioning", "adaln_zero"))
     if kwargs.setdefault("block", block) != block:
