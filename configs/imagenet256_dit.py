@@ -8,6 +8,11 @@ The argument picks the size, as in the DiT paper (Peebles & Xie, 2023, Table 1):
 
 Training hyperparameters are the paper's: AdamW, lr 1e-4 constant, no weight decay, batch 256,
 EMA 0.9999, linear beta schedule with T = 1000, learned sigma, label dropout 0.1.
+
+`lightningdit` (= `lightningdit-XL/2`; any size as `lightningdit-B/2`, ...): LightningDiT's
+choices (Yao et al. 2025, hustvl/LightningDiT's released configs) on the same SD-VAE latents:
+
+  python -m dit.info --config=configs/imagenet256_dit.py:lightningdit
 """
 
 import ml_collections
@@ -22,11 +27,61 @@ MODEL_PRESETS = {
 PATCH_SIZES = (2, 4, 8)
 # "XL/2", ..., "S/8": every preset of the paper.
 PRESETS = tuple(f"{size}/{p}" for size in MODEL_PRESETS for p in PATCH_SIZES)
+# The same sizes with LightningDiT's blocks and training; "lightningdit" is its XL/2.
+LIGHTNINGDIT_PRESETS = ("lightningdit", *(f"lightningdit-{p}" for p in PRESETS))
+
+
+def _lightningdit(c: ml_collections.ConfigDict) -> None:
+  """LightningDiT's choices, from hustvl/LightningDiT (models/lightningdit.py, train.py and
+  configs/lightningdit_xl_vavae_f16d32.yaml), on the DiT config `c` (unlocked)."""
+  # Blocks: RMSNorm (learnable scale; the final layer's too), SwiGLU at 2/3 width, and RoPE on
+  # top of the sin-cos table, which LightningDiT adds as well: pos_embed "both". Its QK-norm
+  # (RMSNorm per head) exists but is off (use_qknorm: false) in every released config; turn it
+  # on with --config.model.qk_norm=rmsnorm. No learned sigma; biases everywhere (as here).
+  c.model.norm = "rmsnorm"
+  c.model.mlp = "swiglu"
+  c.model.pos_embed = "both"
+  c.model.qk_norm = ""
+  c.model.learn_sigma = False
+  # Rectified flow as SiT's (LightningDiT's transport is SiT's): the linear path, a velocity
+  # target, time 0 = noise and 1 = data fed unscaled to the model, with logit-normal times
+  # (its use_lognorm). Its cosine loss term and its sampling-time shift and CFG interval have
+  # no counterpart here; EMA 0.9999 and no grad clipping are the DiT defaults above.
+  del c["diffusion"]
+  c.flow = ml_collections.ConfigDict()
+  c.flow.interpolant = "linear"
+  c.flow.target = "velocity"
+  c.flow.time_sampler = "logit_normal"
+  c.flow.logit_mean = 0.0
+  c.flow.logit_std = 1.0
+  c.flow.weighting = "uniform"
+  c.flow.shift = 1.0
+  c.flow.time_scale = 1.0
+  c.flow.reverse_time = True
+  c.flow.eps = 0.0
+  # AdamW at lr 2e-4, beta2 0.95, batch 1024 (its large-batch recipe).
+  c.batch_size = 1024
+  c.optim.lr = 2e-4
+  c.optim.b2 = 0.95
+  # Its ODE sampler: Euler, 250 steps.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "euler"
+  c.sample.steps = 250
+  c.sample.spacing = "uniform"
+  c.sample.cfg_scale = 1.5
+  c.sample.num = 64
+  c.sample.use_ema = True
 
 
 def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
-  if arg not in PRESETS:
-    raise ValueError(f"Unknown DiT preset {arg!r}; expected one of {PRESETS}")
+  if arg not in PRESETS + LIGHTNINGDIT_PRESETS:
+    raise ValueError(
+      f"Unknown DiT preset {arg!r}; expected one of {PRESETS}, or 'lightningdit' or "
+      f"'lightningdit-SIZE/P' such as 'lightningdit-B/2'"
+    )
+  lightningdit = arg.startswith("lightningdit")
+  if lightningdit:
+    arg = arg.removeprefix("lightningdit").removeprefix("-") or "XL/2"
   size, patch = arg.split("/")
   hidden, depth, heads = MODEL_PRESETS[size]
 
@@ -72,7 +127,13 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   c.model.class_dropout_prob = 0.1  # Label dropout, drawn by the train loop (not a DiT field).
   c.model.learn_sigma = True
   c.model.block = "adaln_zero"  # How the condition enters the blocks (dit.models.dit.BLOCKS).
-  c.model.qk_norm = False
+  # Block options (dit.models.dit.DiT): norm "layernorm" | "rmsnorm"; mlp "gelu" | "swiglu";
+  # pos_embed "sincos" | "rope" | "both"; qk_norm "" | "layernorm" | "rmsnorm".
+  c.model.norm = "layernorm"
+  c.model.mlp = "gelu"
+  c.model.pos_embed = "sincos"
+  c.model.rope_theta = 10000.0
+  c.model.qk_norm = ""
   c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16) | "einsum".
   c.model.dtype = "bfloat16"  # Compute dtype; params stay float32.
   c.model.remat = False
@@ -98,6 +159,9 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   c.optim.grad_clip = 0.0
   c.optim.ema_decay = 0.9999
   c.optim.ema_warmup = False
+  # "sp" (standard) | "mup": init and per-layer learning rates scaled by width (docs/mup.md).
+  c.parametrization = "sp"
+  c.mup = ml_collections.ConfigDict(dict(base_width=384))
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "ddim"
@@ -123,6 +187,10 @@ def get_config(arg: str = "XL/2") -> ml_collections.ConfigDict:
   c.eval.best_mode = "min"
   c.eval.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
   c.eval.ref_stats = ""  # .npz with mu/sigma (ADM's VIRTUAL_imagenet256_labeled.npz works).
+  c.eval.dinov2_path = ""  # For "fd_dinov2": a Hugging Face DINOv2 directory (ViT-L/14).
+  c.eval.dinov2_ref_stats = ""  # For "fd_dinov2": dit.fid_stats --feature=dinov2 output.
 
+  if lightningdit:
+    _lightningdit(c)
   c.lock()
   return c

@@ -3,9 +3,11 @@
   dit-info --config=configs/imagenet256_dit.py:XL/2
   dit-info --workdir=runs/digits                     # the model of its config.json
   dit-info --config=configs/digits.py --config.model.depth=8
+  dit-info --config=configs/imagenet256_dit.py:lightningdit   # RMSNorm, SwiGLU, RoPE blocks
 
 prints one JSON object: params, fixed_params, gmacs_fwd, gflops_fwd, gflops_train, tokens,
-input_shape, output_shape, dtype (see dit.models.flops.model_info, which this command wraps).
+input_shape, output_shape, dtype (see dit.models.flops.model_info, which this command wraps;
+every block option is counted as it runs, RoPE's elementwise rotation aside).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """dit.models.flops (and the dit.info command) against the DiT paper's parameter and FLOP
-counts for all 12 ImageNet-256 presets."""
+counts for all 12 ImageNet-256 presets, and against a hand count for each block option."""
 
 import json
 import os
@@ -78,3 +78,53 @@ def test_unknown_preset():
   with pytest.raises(ValueError, match="Unknown DiT preset 'XXL/2'"):
     imagenet256_dit.get_config("XXL/2")
   assert imagenet256_dit.MODEL_PRESETS["XL"] == (1152, 28, 16)
+
+
+# One small class-conditional adaLN-Zero DiT per block option, counted by hand below.
+SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+             num_classes=10, learn_sigma=False)  # fmt: skip
+OPTIONS = [
+  {},
+  dict(norm="rmsnorm"),
+  dict(mlp="swiglu"),
+  dict(pos_embed="rope"),
+  dict(pos_embed="both"),
+  dict(qk_norm="layernorm"),
+  dict(qk_norm="rmsnorm"),
+  dict(norm="rmsnorm", mlp="swiglu", pos_embed="both", qk_norm="rmsnorm"),  # LightningDiT.
+]
+
+
+def hand_count(norm="layernorm", mlp="gelu", pos_embed="sincos", qk_norm=""):
+  """(params, forward MACs, fixed values) of SMALL with the options, written out layer by layer.
+
+  D 32, depth 2, N = (8 / 2)^2 = 16 tokens, patches of P = 2 * 2 * 3 = 12 values, K 10
+  classes, F 256 timestep frequencies, head dim 16, output 2 * 2 * 3 = 12 per token.
+  """
+  d, depth, n, patch, k, f, head, out = 32, 2, 16, 12, 10, 256, 16, 12
+  hidden = 4 * d if mlp == "gelu" else int(2 / 3 * 4 * d)  # 128, or SwiGLU's 85.
+  params = (patch * d + d) + (f * d + d + d * d + d) + (k + 1) * d  # x, t, y embedders.
+  macs = n * patch * d + f * d + d * d  # The label lookup is not a matmul.
+  block = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + (d * d + d)  # adaLN, qkv, proj.
+  block_macs = d * 6 * d + n * d * 3 * d + n * n * d + n * n * d + n * d * d  # q k^T and (.) v.
+  if mlp == "gelu":  # fc1, fc2.
+    block += d * hidden + hidden + hidden * d + d
+    block_macs += 2 * n * d * hidden
+  else:  # fc1 is the gate and the value (2 matmuls), then fc2: 3 matmuls of D x hidden.
+    block += d * 2 * hidden + 2 * hidden + hidden * d + d
+    block_macs += 3 * n * d * hidden
+  block += 2 * d if norm == "rmsnorm" else 0  # norm1, norm2 scales; LayerNorm has none.
+  block += {"": 0, "layernorm": 2 * 2 * head, "rmsnorm": 2 * head}[qk_norm]  # q_norm, k_norm.
+  params += depth * block + (d * 2 * d + 2 * d) + (d * out + out)  # Final adaLN and linear.
+  params += d if norm == "rmsnorm" else 0  # norm_final's scale.
+  macs += depth * block_macs + d * 2 * d + n * d * out
+  fixed = (n * d if pos_embed != "rope" else 0) + (2 * n * head if pos_embed != "sincos" else 0)
+  return params, macs, fixed
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(map(str, o.values())) or "dit")
+def test_params_and_flops_of_each_block_option_match_a_hand_count(options):
+  info = model_info(build_model(dict(SMALL, **options)), train_flops=False)
+  params, macs, fixed = hand_count(**options)
+  assert (info["params"], info["fixed_params"]) == (params, fixed)
+  assert round(info["gmacs_fwd"] * 1e9) == macs  # RoPE's elementwise rotation is not counted.

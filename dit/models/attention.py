@@ -5,6 +5,10 @@ One function does the attention itself, with a choice of backend:
   "cudnn"  jax.nn.dot_product_attention(implementation="cudnn") (NVIDIA GPU, bf16/fp16 only),
   "einsum" a plain softmax(q k^T / sqrt(d)) v, the readable reference.
 Masks are boolean, True = attend, and work in all three.
+
+Options: QK-norm (qk_norm "" | "layernorm" | "rmsnorm", per head over the head dimension) and
+rotary positions (SelfAttention's `rope` argument: (cos, sin) from dit/models/rope.py, applied
+to queries and keys after their norm, as LightningDiT).
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dit.models.rope import apply_rope
+
 IMPLEMENTATIONS = ("xla", "cudnn", "einsum")
+# qk_norm values; also False (= "") and True (= "layernorm"), the older boolean field.
+QK_NORMS = ("", "layernorm", "rmsnorm")
 
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
@@ -58,6 +66,15 @@ def dot_product_attention(
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def qk_norm_kind(qk_norm: str | bool) -> str:
+  """A qk_norm value as a QK_NORMS name: False -> "", True -> "layernorm" (older configs)."""
+  if isinstance(qk_norm, bool):
+    return "layernorm" if qk_norm else ""
+  if qk_norm not in QK_NORMS:
+    raise ValueError(f"qk_norm must be one of {QK_NORMS} (or a bool), got {qk_norm!r}")
+  return qk_norm
+
+
 class _QKNorm(nn.Module):
   """LayerNorm over the head dimension of q or k (qk-norm), float32 statistics."""
 
@@ -68,26 +85,44 @@ class _QKNorm(nn.Module):
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
 
 
+def qk_norm_layer(qk_norm: str | bool, dtype, name: str) -> nn.Module:
+  """The norm of q or k (B, L, H, Dh) over Dh, eps 1e-6, with learnable scale (and bias).
+
+  "layernorm": params {name}/LayerNorm_0/{scale, bias} (the layout of the boolean qk_norm);
+  "rmsnorm": {name}/scale.
+  """
+  if qk_norm_kind(qk_norm) == "rmsnorm":
+    return nn.RMSNorm(epsilon=1e-6, dtype=dtype, name=name)
+  return _QKNorm(dtype, name=name)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (as the original DiT)."""
 
   num_heads: int
-  qk_norm: bool = False
+  qk_norm: str | bool = ""
   implementation: str = "xla"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x: (B, L, D) -> (B, L, D)."""
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+  ) -> jax.Array:
+    """x: (B, L, D) -> (B, L, D); rope: (cos, sin), each (L, Dh) or (B, L, Dh), or None."""
     b, length, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
     qkv = nn.Dense(3 * d, kernel_init=xavier_uniform, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(b, length, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.qk_norm:
-      q = _QKNorm(self.dtype, name="q_norm")(q)
-      k = _QKNorm(self.dtype, name="k_norm")(k)
+    if qk_norm_kind(self.qk_norm):
+      q = qk_norm_layer(self.qk_norm, self.dtype, "q_norm")(q)
+      k = qk_norm_layer(self.qk_norm, self.dtype, "k_norm")(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = dot_product_attention(q, k, v, mask, implementation=self.implementation)
     out = out.reshape(b, length, d)
     return nn.Dense(d, kernel_init=xavier_uniform, dtype=self.dtype, name="proj")(out)
@@ -100,7 +135,7 @@ class CrossAttention(nn.Module):
   """
 
   num_heads: int
-  qk_norm: bool = False
+  qk_norm: str | bool = ""
   implementation: str = "xla"
   dtype: jnp.dtype = jnp.float32
 
@@ -115,9 +150,9 @@ class CrossAttention(nn.Module):
     q = q.reshape(b, n, h, d // h)
     kv = kv.reshape(b, length, 2, h, d // h)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    if self.qk_norm:
-      q = _QKNorm(self.dtype, name="q_norm")(q)
-      k = _QKNorm(self.dtype, name="k_norm")(k)
+    if qk_norm_kind(self.qk_norm):
+      q = qk_norm_layer(self.qk_norm, self.dtype, "q_norm")(q)
+      k = qk_norm_layer(self.qk_norm, self.dtype, "k_norm")(k)
     if mask is not None:
       mask = jnp.asarray(mask, dtype=bool)[:, None, None, :]  # (B, 1, 1, L)
     out = dot_product_attention(q, k, v, mask, implementation=self.implementation)

@@ -14,6 +14,12 @@ Here: "adaln_zero" (DiT: per-block SiLU -> Linear -> 6 modulations, zero-initial
 cross-attend to a projected caption when the model has one. The DiT-paper ablations live in
 dit/models/ablation_blocks.py.
 
+Block options, the same for every block type here and in ablation_blocks.py (BlockSettings,
+`block_options`): norm "layernorm" | "rmsnorm" (dit/models/layers.py norm_layer), mlp "gelu" |
+"swiglu" (layers.py feed_forward), qk_norm "" | "layernorm" | "rmsnorm" (attention.py), and
+rotary positions: cond.rope, (cos, sin) computed once per forward by DiT and passed to every
+block's self-attention (an argument like the others, so repeat_blocks scans it unchanged).
+
 Shapes: B batch, N image tokens, D hidden size, L caption tokens.
 """
 
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dit.models.attention import CrossAttention, SelfAttention
-from dit.models.layers import Mlp, modulate, normal_02, plain_layer_norm, scale_shift_init, zeros
+from dit.models.layers import feed_forward, modulate, norm_layer, normal_02, scale_shift_init, zeros
 from dit.models.repeat import repeat_blocks
 
 
@@ -39,6 +45,9 @@ class Conditioning(NamedTuple):
   tokens: jax.Array  # (B, M, D), M <= 2: [timestep (+ size, guidance), label] embeddings.
   caption: jax.Array | None = None  # (B, L, D): the projected caption, or None.
   caption_mask: jax.Array | None = None  # (B, L) bool, True = real token.
+  # (cos, sin), each (N, Dh) float32: the rotation of the image tokens' queries and keys in
+  # every self-attention (DiT.pos_embed "rope" / "both"), or None.
+  rope: tuple[jax.Array, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +58,13 @@ class BlockSettings:
   hidden_size: int
   num_heads: int
   mlp_ratio: float
-  qk_norm: bool
+  qk_norm: str | bool  # A QK_NORMS name (or the older bool).
   attention_impl: str
   dtype: Any  # The compute dtype (a jnp.dtype); params stay float32.
+  # DiT's block options (layers.NORMS, layers.MLPS), passed to the block classes derived from
+  # `Block` by `block_options`, not by block_fields (other architectures' blocks lack them).
+  norm: str = "layernorm"
+  mlp: str = "gelu"
   # How the blocks run, not what they compute (repeat_blocks): one block traced in a
   # lax.scan, and rematerialisation in the backward pass with a REMAT_POLICIES name.
   scan: bool = False
@@ -61,9 +74,13 @@ class BlockSettings:
   def block_fields(self) -> dict[str, Any]:
     """Constructor arguments every block class takes (the settings of one block)."""
     fields = dataclasses.asdict(self)
-    for name in ("depth", "scan", "remat", "remat_policy"):
+    for name in ("depth", "scan", "remat", "remat_policy", "norm", "mlp"):
       del fields[name]
     return fields
+
+  def block_options(self) -> dict[str, str]:
+    """The norm and MLP choices, fields of `Block` (the stacks here pass them on)."""
+    return {"norm": self.norm, "mlp": self.mlp}
 
 
 # (block_cls, settings, tokens (B, N, D), cond) -> tokens (B, N, D). A stack runs its blocks
@@ -109,14 +126,23 @@ class Modulation(NamedTuple):
 
 
 class Block(nn.Module):
-  """The fields every block class takes: `BlockSettings.block_fields()`."""
+  """The fields every block class takes: `BlockSettings.block_fields()` and `block_options()`.
+
+  norm: the pre-attention and pre-MLP norms norm1, norm2 (layers.norm_layer); mlp: the
+  feed-forward "mlp" (layers.feed_forward); qk_norm: of the attentions' queries and keys.
+  """
 
   hidden_size: int
   num_heads: int
   mlp_ratio: float = 4.0
-  qk_norm: bool = False
+  qk_norm: str | bool = ""
   attention_impl: str = "xla"
   dtype: Any = jnp.float32
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+
+  def feed_forward(self) -> nn.Module:
+    return feed_forward(self.mlp, self.hidden_size, self.mlp_ratio, self.dtype, name="mlp")
 
 
 class ModulatedBlock(Block):
@@ -133,11 +159,14 @@ class ModulatedBlock(Block):
     m: Modulation,
     y: jax.Array | None = None,
     y_mask: jax.Array | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
-    """x: (B, N, D) tokens; y: (B, L, D) caption (with cross_attn); y_mask: (B, L)."""
-    d, dtype = self.hidden_size, self.dtype
+    """x: (B, N, D) tokens; y: (B, L, D) caption (with cross_attn); y_mask: (B, L); rope:
+    (cos, sin) (N, Dh) each, or None."""
+    dtype = self.dtype
     attn = SelfAttention(self.num_heads, self.qk_norm, self.attention_impl, dtype, name="attn")
-    h = attn(modulate(plain_layer_norm(dtype)(x), m.shift_msa, m.scale_msa))
+    norm1 = norm_layer(self.norm, dtype, name="norm1")
+    h = attn(modulate(norm1(x), m.shift_msa, m.scale_msa), rope=rope)
     x = x + (h if m.gate_msa is None else m.gate_msa[:, None] * h)
     if self.cross_attn:
       # PixArt: no norm and no gate before the cross-attention.
@@ -145,8 +174,8 @@ class ModulatedBlock(Block):
         self.num_heads, self.qk_norm, self.attention_impl, dtype, name="cross_attn"
       )
       x = x + cross(x, y, y_mask)
-    mlp = Mlp(int(d * self.mlp_ratio), d, dtype, name="mlp")
-    h = mlp(modulate(plain_layer_norm(dtype)(x), m.shift_mlp, m.scale_mlp))
+    norm2 = norm_layer(self.norm, dtype, name="norm2")
+    h = self.feed_forward()(modulate(norm2(x), m.shift_mlp, m.scale_mlp))
     return x + (h if m.gate_mlp is None else m.gate_mlp[:, None] * h)
 
 
@@ -157,40 +186,52 @@ class AdaLNZeroBlock(ModulatedBlock):
   """
 
   @nn.compact
-  def __call__(self, x, c, y=None, y_mask=None):
-    """x: (B, N, D); c: (B, D); y: (B, L, D) or None; y_mask: (B, L) or None -> (B, N, D)."""
+  def __call__(self, x, c, y=None, y_mask=None, rope=None):
+    """x: (B, N, D); c: (B, D); y: (B, L, D) or None; y_mask: (B, L) or None; rope: (cos,
+    sin) or None -> (B, N, D)."""
     mod = nn.Dense(
       6 * self.hidden_size, kernel_init=zeros, dtype=self.dtype, name="adaLN_modulation_1"
     )(nn.silu(c))
-    return self.transformer(x, Modulation.split6(mod), y, y_mask)
+    return self.transformer(x, Modulation.split6(mod), y, y_mask, rope)
 
 
 class AdaLNSingleBlock(ModulatedBlock):
   """PixArt-alpha's adaLN-single block: the shared t_block output plus a per-block table."""
 
   @nn.compact
-  def __call__(self, x, c, y=None, y_mask=None):
-    """x: (B, N, D); c: (B, 6 D) t_block output; y: (B, L, D) or None -> (B, N, D)."""
+  def __call__(self, x, c, y=None, y_mask=None, rope=None):
+    """x: (B, N, D); c: (B, 6 D) t_block output; y: (B, L, D) or None; rope: (cos, sin) or
+    None -> (B, N, D)."""
     d = self.hidden_size
     table = self.param("scale_shift_table", scale_shift_init, (6, d))
     mod = (table[None] + c.reshape(-1, 6, d)).reshape(-1, 6 * d).astype(self.dtype)
-    return self.transformer(x, Modulation.split6(mod), y, y_mask)
+    return self.transformer(x, Modulation.split6(mod), y, y_mask, rope)
 
 
 def modulated_linear(
-  x: jax.Array, shift: jax.Array, scale: jax.Array, out_features: int, dtype: Any
+  x: jax.Array,
+  shift: jax.Array,
+  scale: jax.Array,
+  out_features: int,
+  dtype: Any,
+  norm: str = "layernorm",
 ) -> jax.Array:
-  """The final layers' tail: plain LayerNorm, modulate, zero-init Linear "linear" (B, N, out)."""
-  x = modulate(plain_layer_norm(dtype)(x), shift, scale)
+  """The final layers' tail: norm "norm_final" (plain LayerNorm, or RMSNorm with its scale as
+  LightningDiT), modulate, zero-init Linear "linear" (B, N, out)."""
+  x = modulate(norm_layer(norm, dtype, name="norm_final")(x), shift, scale)
   return nn.Dense(out_features, kernel_init=zeros, dtype=dtype, name="linear")(x)
 
 
 class FinalLayer(nn.Module):
-  """The fields every final layer takes; called (x (B, N, D), c (B, D)) -> (B, N, out)."""
+  """The fields every final layer takes; called (x (B, N, D), c (B, D)) -> (B, N, out).
+
+  norm: its norm "norm_final" (layers.NORMS), the blocks' choice.
+  """
 
   hidden_size: int
   out_features: int
   dtype: Any = jnp.float32
+  norm: str = "layernorm"
 
 
 class AdaLNZeroFinalLayer(FinalLayer):
@@ -211,7 +252,7 @@ class AdaLNZeroFinalLayer(FinalLayer):
       name="adaLN_modulation_1",
     )(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
-    return modulated_linear(x, shift, scale, self.out_features, self.dtype)
+    return modulated_linear(x, shift, scale, self.out_features, self.dtype, self.norm)
 
 
 class AdaLNSingleFinalLayer(FinalLayer):
@@ -221,7 +262,7 @@ class AdaLNSingleFinalLayer(FinalLayer):
   def __call__(self, x, c):
     table = self.param("scale_shift_table", scale_shift_init, (2, self.hidden_size))
     mod = (table[None] + c[:, None]).astype(self.dtype)
-    return modulated_linear(x, mod[:, 0], mod[:, 1], self.out_features, self.dtype)
+    return modulated_linear(x, mod[:, 0], mod[:, 1], self.out_features, self.dtype, self.norm)
 
 
 def adaln_zero_stack(
@@ -230,7 +271,15 @@ def adaln_zero_stack(
   """Every block regresses its own modulation from cond.vector; (B, N, D) -> (B, N, D)."""
   y, y_mask = cond.caption, cond.caption_mask
   return repeat_blocks(
-    block_cls, settings, tokens, cond.vector, y, y_mask, cross_attn=y is not None
+    block_cls,
+    settings,
+    tokens,
+    cond.vector,
+    y,
+    y_mask,
+    cond.rope,
+    cross_attn=y is not None,
+    **settings.block_options(),
   )
 
 
@@ -243,7 +292,10 @@ def adaln_single_stack(
     nn.silu(cond.vector)
   )
   y, y_mask = cond.caption, cond.caption_mask
-  return repeat_blocks(block_cls, settings, tokens, shared, y, y_mask, cross_attn=y is not None)
+  options = settings.block_options()
+  return repeat_blocks(
+    block_cls, settings, tokens, shared, y, y_mask, cond.rope, cross_attn=y is not None, **options
+  )
 
 
 ADALN_ZERO = BlockType(AdaLNZeroBlock, AdaLNZeroFinalLayer, adaln_zero_stack, captions=True)

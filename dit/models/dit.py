@@ -1,12 +1,15 @@
 """Diffusion transformers: DiT (adaLN-Zero, class labels) and PixArt-alpha (adaLN-single, T5 text).
 
 One configurable Flax module, `DiT`, assembled from parts: images come in NHWC; they are cut
-into p x p patches, embedded by a linear layer, given fixed 2D sin-cos position embeddings,
-run through `depth` transformer blocks conditioned on the timestep (and a class label and/or a
-caption), and un-patchified back to NHWC.
+into p x p patches, embedded by a linear layer, given fixed 2D sin-cos position embeddings
+(and/or 2D rotary positions in every self-attention), run through `depth` transformer blocks
+conditioned on the timestep (and a class label and/or a caption), and un-patchified back to
+NHWC.
 
 How the conditioning enters the blocks is `DiT.block`, a name in `BLOCKS`. A block type is a
-module (dit/models/blocks.py, dit/models/ablation_blocks.py) plus one entry here.
+module (dit/models/blocks.py, dit/models/ablation_blocks.py) plus one entry here. What is inside
+every block is the block options, fields combinable with any block type: norm, mlp, qk_norm,
+pos_embed (LightningDiT: rmsnorm, swiglu, rope; see docs/architecture.md).
 
 Parameter names follow the original DiT / PixArt code where that helps the converters
 (dit/models/convert.py): x_embedder, t_embedder/mlp_0, y_embedder/embedding_table,
@@ -23,18 +26,24 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 
 from dit.models import ablation_blocks, blocks, repeat
+from dit.models.attention import qk_norm_kind
 from dit.models.blocks import BlockSettings, BlockType, Conditioning
 from dit.models.layers import (
+  MLPS,
+  NORMS,
   Mlp,
   TimestepEmbedder,
   normal_02,
   scale_shift_init,
   sincos_pos_embed_2d,
+  swiglu_hidden,
   xavier_uniform,
 )
+from dit.models.rope import axial_dims, grid_positions, rope_angles
 
 # The block types: config.model.block -> BlockType (block class, final layer, stack).
 BLOCKS: dict[str, BlockType] = {
@@ -50,6 +59,10 @@ BLOCKS: dict[str, BlockType] = {
 # with `build_model(kwargs) -> nn.Module`; the module's model class has `example_inputs(b)`.
 # "dit" (DiT, PixArt and the DiT-paper ablations) is this file.
 ARCHS = {"dit": __name__, "mmdit": "dit.models.mmdit", "flux": "dit.models.flux"}
+
+# DiT.pos_embed: the absolute sin-cos table added to the patch embeddings, 2D axial RoPE in
+# every self-attention, or both (LightningDiT).
+POS_EMBEDS = ("sincos", "rope", "both")
 
 # config.model keys that are training settings, read by the train loop's objective (the
 # label/caption dropout probability), not DiT fields; build_model ignores them.
@@ -92,7 +105,28 @@ class DiT(nn.Module):
     size_conditioning: PixArt-alpha 1024px micro-conditioning: cond["resolution"] (B, 2)
       (height, width in pixels) and cond["aspect_ratio"] (B, 1) are embedded and added to the
       timestep embedding (diffusers' `use_additional_conditions`).
-    qk_norm: LayerNorm on queries and keys per head.
+    norm: the blocks' pre-attention and pre-MLP norms, a name in layers.NORMS: "layernorm"
+      (plain, no scale or bias, eps 1e-6; in the plain "in_context" / "cross_attn" blocks with
+      scale and bias) or "rmsnorm" (eps 1e-6, a learnable scale; LightningDiT). The final
+      layer's norm follows it, as in LightningDiT. Captions' projection is unchanged.
+    mlp: the blocks' feed-forward, a name in layers.MLPS: "gelu" (Linear -> GELU(tanh) ->
+      Linear, hidden mlp_ratio D) or "swiglu" (SwiGLU, hidden int(2/3 int(mlp_ratio D)), not
+      rounded, as LightningDiT: about the same params and MACs).
+    pos_embed: a name in POS_EMBEDS: "sincos" (the fixed table added to the patch embeddings),
+      "rope" (2D axial rotary positions on the queries and keys of every self-attention over
+      the image tokens, no table; half of each head's channels rotate with the row, half with
+      the column, as LightningDiT) or "both" (LightningDiT). RoPE positions are the table's:
+      along each axis arange(n) * (input_size / p) / n / pe_interpolation, so any grid spans
+      the positions of the training grid (PixArt's base_size scaling; LightningDiT's RoPE
+      interpolates the same way). Sampling at another resolution or aspect ratio then rotates
+      by angles seen in training (only their spacing changes) instead of extrapolating to
+      unseen ones, and "both" keeps the table and the rotation at the same positions.
+      Cross-attention keys (captions, condition tokens) and "in_context"'s appended
+      condition tokens are not rotated.
+    rope_theta: RoPE's base period (frequencies theta ** (-2 i / (Dh / 2)) per axis).
+    qk_norm: norm of queries and keys per head over the head dimension: "" (none),
+      "layernorm" (scale and bias) or "rmsnorm" (a scale); in self- and cross-attention.
+      Configs written when it was a bool load: False = "", True = "layernorm".
     attention_impl: "xla" | "cudnn" | "einsum" (see attention.py).
     dtype: compute dtype ("float32" | "bfloat16"); params stay float32; LayerNorm statistics
       and the output are float32. bf16 outputs agree with float32 to within 5% of the
@@ -103,7 +137,7 @@ class DiT(nn.Module):
       repeat.REMAT_POLICIES, e.g. "dots_with_no_batch_dims_saveable" (the matmul outputs) or
       "offload_dot_with_no_batch_dims" (the same, moved to host memory; needs scan).
     scan: run the depth blocks as one lax.scan over their stacked params (one block traced
-      and compiled, instead of depth); the params keep their per-block layout, blocks_{i}.
+      and compiled, instead of depth); params blocks_{i} or stacked, blocks (repeat.py).
     guidance_embedding: a consistency-distilled (LCM) student: cond["guidance"] (B,), the
       classifier-free guidance scale w, is embedded as a timestep of 1000 w and added to the
       timestep embedding. The embedder's output layer starts at zero, so a student made from
@@ -129,7 +163,11 @@ class DiT(nn.Module):
   pe_interpolation: float = 1.0
   time_freq_shift: float = 0.0
   size_conditioning: bool = False
-  qk_norm: bool = False
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  pos_embed: str = "sincos"
+  rope_theta: float = 10000.0
+  qk_norm: str | bool = ""
   attention_impl: str = "xla"
   dtype: Any = "float32"
   remat: bool = False
@@ -141,7 +179,12 @@ class DiT(nn.Module):
   def out_channels(self) -> int:
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
   def _check_fields(self):
+    """Raises ValueError naming the fields of a setting that cannot be built."""
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {self.block!r}")
     if self.caption_channels > 0 and not BLOCKS[self.block].captions:
@@ -163,6 +206,36 @@ class DiT(nn.Module):
       raise ValueError(
         f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
       )
+    self._check_block_options()
+
+  def _check_block_options(self):
+    for field, valid in (("norm", NORMS), ("mlp", MLPS), ("pos_embed", POS_EMBEDS)):
+      if getattr(self, field) not in valid:
+        raise ValueError(f"{field} must be one of {valid}, got {getattr(self, field)!r}")
+    qk_norm_kind(self.qk_norm)
+    d, ratio = self.hidden_size, self.mlp_ratio
+    hidden = swiglu_hidden(d, ratio) if self.mlp == "swiglu" else int(d * ratio)
+    if hidden < 1:
+      raise ValueError(
+        f"mlp={self.mlp!r} with mlp_ratio={self.mlp_ratio} and hidden_size={self.hidden_size} "
+        f"gives an MLP without hidden units; raise mlp_ratio"
+      )
+    if self.pos_embed != "rope" and self.hidden_size % 4:
+      raise ValueError(
+        f"pos_embed={self.pos_embed!r} adds the 2D sin-cos table, which needs hidden_size "
+        f"divisible by 4, got {self.hidden_size}; use pos_embed='rope' or another hidden_size"
+      )
+    if self.pos_embed != "sincos":
+      if self.head_dim % 4:
+        raise ValueError(
+          f"pos_embed={self.pos_embed!r} (2D axial RoPE) needs the head dimension hidden_size "
+          f"/ num_heads = {self.hidden_size} / {self.num_heads} = {self.head_dim} divisible by "
+          f"4 (half of it per axis, rotated in pairs)"
+        )
+      if not self.rope_theta > 0:
+        raise ValueError(
+          f"rope_theta must be > 0 with pos_embed={self.pos_embed!r}, got {self.rope_theta}"
+        )
 
   def _check_inputs(self, x, t, cond):
     if x.ndim != 4:
@@ -230,22 +303,40 @@ class DiT(nn.Module):
     patches = rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p).astype(dtype)
     tokens = nn.Dense(d, kernel_init=xavier_uniform, dtype=dtype, name="x_embedder")(patches)
     base = self.input_size // p
-    pos = sincos_pos_embed_2d(d, gh, gw, base_size=base, interpolation=self.pe_interpolation)
-    tokens = tokens + jnp.asarray(pos, dtype)[None]
+    if self.pos_embed in ("sincos", "both"):
+      pos = sincos_pos_embed_2d(d, gh, gw, base_size=base, interpolation=self.pe_interpolation)
+      tokens = tokens + jnp.asarray(pos, dtype)[None]
 
     conditioning = self._conditioning(t, cond, b, dtype)
+    if self.pos_embed in ("rope", "both"):
+      conditioning = conditioning._replace(rope=self.rope_cos_sin(gh, gw))
     entry = BLOCKS[self.block]
     tokens = entry.stack(entry.block, self._block_settings(dtype), tokens, conditioning)
 
-    final = entry.final_layer(d, p * p * self.out_channels, dtype, name="final_layer")
+    final = entry.final_layer(
+      d, p * p * self.out_channels, dtype, norm=self.norm, name="final_layer"
+    )
     out = final(tokens, conditioning.vector)
     out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw, p=p, q=p)
     return out.astype(jnp.float32)
 
+  def rope_cos_sin(self, grid_h: int, grid_w: int) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each (grid_h * grid_w, head_dim) float32: 2D axial RoPE of a token grid.
+
+    Positions (row, column) are the sin-cos table's, arange(n) * base / n / pe_interpolation
+    per axis with base = input_size / patch_size (see the class docstring); the first half of
+    each head's channels rotates with the row, the second with the column.
+    """
+    base = self.input_size // self.patch_size
+    scale = np.array([base / grid_h, base / grid_w]) / self.pe_interpolation
+    positions = grid_positions(grid_h, grid_w) * scale
+    return rope_angles(positions, axial_dims(self.head_dim), self.rope_theta)
+
   def _block_settings(self, dtype) -> BlockSettings:
     # The settings are this model's fields of the same names, with the compute dtype.
     names = [f.name for f in dataclasses.fields(BlockSettings) if f.name != "dtype"]
-    return BlockSettings(**{name: getattr(self, name) for name in names}, dtype=dtype)
+    settings = {name: getattr(self, name) for name in names}
+    return BlockSettings(**settings | {"qk_norm": qk_norm_kind(self.qk_norm)}, dtype=dtype)
 
   def _conditioning(self, t, cond, b, dtype) -> Conditioning:
     """Embeds timestep, label, size, guidance and caption; dropped rows get the null ones."""
@@ -391,4 +482,6 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
       f"Unknown config.model fields {unknown}; DiT accepts {sorted(fields)}, plus "
       f"{list(TRAINING_KEYS)} (read by the train loop) and the older adaln, conditioning"
     )
-  return DiT(**kwargs)
+  model = DiT(**kwargs)
+  model._check_fields()  # A setting that cannot be built fails here, not at the first call.
+  return model

@@ -20,10 +20,12 @@ No torch needed: the tensors are the rule tables of dit/models/layouts.py read b
 and label embedder per block; the shared one is written into every block.
 
 Models diffusers cannot represent are refused with a ValueError naming the config field
-(`check_exportable`). One difference is only warned about: diffusers' DiT computes its
-timestep sinusoid with downscale_freq_shift=1, the original DiT (and dit's default,
-model.time_freq_shift=0) with 0. The weights are the same; `match_time_freq_shift` sets the
-loaded diffusers model to this model's sinusoid for exact parity.
+(`check_exportable`): among them every block option but the defaults (norm="rmsnorm",
+mlp="swiglu", pos_embed="rope"/"both", any qk_norm). One difference is only warned about:
+diffusers' DiT computes its timestep sinusoid with downscale_freq_shift=1, the original DiT
+(and dit's default, model.time_freq_shift=0) with 0. The weights are the same;
+`match_time_freq_shift` sets the loaded diffusers model to this model's sinusoid for exact
+parity.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dit import checkpoint
 from dit.diffusion import flow as flow_lib
 from dit.diffusion import samplers, schedules
 from dit.models import layouts
+from dit.models.attention import qk_norm_kind
 from dit.models.dit import DiT, abstract_params, build_model
 from dit.models.layers import scale_shift_init
 
@@ -54,11 +57,15 @@ MODELS = {
   "adaln_zero": ("DiTTransformer2DModel", 1.0),
   "adaln_single": ("PixArtTransformer2DModel", 0.0),
 }
-# Fields every exported model must have, with what diffusers' blocks do instead.
+# Fields every exported model must have, with what diffusers' blocks do instead (qk_norm is
+# compared as its QK_NORMS name: False and "" are both no norm).
 _FIXED = {
-  "qk_norm": (False, "its attention has no query/key norm"),
+  "qk_norm": ("", "its attention has no query/key norm"),
   "guidance_embedding": (False, "it has no guidance-scale embedding (a distilled LCM student)"),
   "mlp_ratio": (4.0, "its feed-forward is 4x the hidden size"),
+  "norm": ("layernorm", "its blocks' norms are LayerNorms without scale or bias"),
+  "mlp": ("gelu", "its feed-forward is Linear -> GELU(tanh) -> Linear"),
+  "pos_embed": ("sincos", "its positions are the absolute sin-cos table only, no RoPE"),
 }
 
 
@@ -69,12 +76,15 @@ def _refuse(field: str, value, why: str) -> ValueError:
 def check_exportable(model: DiT) -> list[str]:
   """Raises a one-line ValueError naming the config.model field diffusers cannot represent;
   returns warnings (differences the exported model can be patched for after loading)."""
+  if not isinstance(model, DiT):
+    raise _refuse("arch", type(model).__name__.lower(), "only DiT and PixArt models export")
   if model.block not in MODELS:
     why = f"diffusers has no such block; exportable: {', '.join(MODELS)}"
     raise _refuse("block", model.block, why)
   cls, shift = MODELS[model.block]
   for field, (value, why) in _FIXED.items():
-    if getattr(model, field) != value:
+    have = qk_norm_kind(model.qk_norm) if field == "qk_norm" else getattr(model, field)
+    if have != value:
       raise _refuse(field, getattr(model, field), f"{cls}: {why}")
   if model.block == "adaln_zero":
     checks = {

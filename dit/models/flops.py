@@ -1,7 +1,11 @@
 """Parameter count and FLOPs of a model, without allocating or running it (library code).
 
 MACs are counted from the jaxpr (every dot_general and convolution, including those of
-attention), so they follow the model code, not a hand formula. `python -m dit.info` prints
+attention), so they follow the model code, not a hand formula: every block option counts as it
+runs (SwiGLU's three matmuls, fc1's gate and value fused, and fc2; QK-norm and RMSNorm are
+elementwise). Elementwise work is not counted: norms, activations, softmax, and RoPE's
+rotation of q and k (per token and channel 6 FLOPs, against 2 N for one of attention's two
+N-token matmuls: 3 / N of it, about 1% at N = 256 tokens). `python -m dit.info` prints
 `model_info` for a config; the train loop and experiments import it from here.
 """
 
@@ -57,12 +61,22 @@ def count_macs(jaxpr: Any) -> int:
   return total
 
 
+def fixed_params(model: DiT) -> int:
+  """The position tables' values at the training grid: sin-cos (N, D) and/or RoPE 2 x (N, Dh)."""
+  tokens = (model.input_size // model.patch_size) ** 2
+  pos_embed = getattr(model, "pos_embed", "sincos")
+  table = tokens * model.hidden_size if pos_embed in ("sincos", "both") else 0
+  rope = 2 * tokens * model.hidden_size // model.num_heads if pos_embed in ("rope", "both") else 0
+  return table + rope
+
+
 def model_info(model: DiT, train_flops: bool = True) -> dict[str, Any]:
   """Counts for one image at the model's training resolution (abstract evaluation only).
 
   Returns a JSON-able dict:
     params         trainable parameters (float32 values in the param tree)
-    fixed_params   non-trainable values (the sin-cos position table, recomputed each call)
+    fixed_params   non-trainable values recomputed each call: the sin-cos position table
+                   (tokens x D) and RoPE's cos and sin (2 x tokens x head_dim)
     gmacs_fwd      multiply-accumulates of one image's forward pass, in 1e9 (the DiT paper's
                    "Gflops", which count a multiply-add once); matmuls and convolutions only
     gflops_fwd     2 * gmacs_fwd
@@ -85,7 +99,7 @@ def model_info(model: DiT, train_flops: bool = True) -> dict[str, Any]:
   grid = model.input_size // model.patch_size
   info = {
     "params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(params))),
-    "fixed_params": grid * grid * model.hidden_size,
+    "fixed_params": fixed_params(model),
     "gmacs_fwd": macs_fwd / 1e9,
     "gflops_fwd": 2 * macs_fwd / 1e9,
     "tokens": grid * grid,

@@ -1,7 +1,9 @@
-"""Layers shared by the DiT assembly and its block types: fixed embeddings, MLPs, adaLN helpers.
+"""Layers shared by the DiT assembly and its block types: fixed embeddings, norms, MLPs, adaLN.
 
 Nothing here knows about block types or configs; dit/models/blocks.py and
 dit/models/ablation_blocks.py build transformer blocks from these, dit/models/dit.py the model.
+The block options (DiT.norm, DiT.mlp) are names in NORMS and MLPS, built by `norm_layer` and
+`feed_forward`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import numpy as np
 xavier_uniform = nn.initializers.xavier_uniform()
 normal_02 = nn.initializers.normal(stddev=0.02)
 zeros = nn.initializers.zeros
+
+# DiT.norm: the blocks' (and final layer's) norms. DiT.mlp: the blocks' feed-forward.
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
 
 
 def sincos_pos_embed_2d(
@@ -79,6 +85,31 @@ def plain_layer_norm(dtype: Any) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
 
 
+def rms_norm(dtype: Any, name: str | None = None) -> nn.RMSNorm:
+  """RMSNorm x / sqrt(mean(x^2) + 1e-6) * scale, a learnable scale (init 1), float32 statistics.
+
+  LightningDiT's (from LLaMA): eps 1e-6 and a learnable weight, in its blocks, final layer and
+  QK-norm alike.
+  """
+  return nn.RMSNorm(epsilon=1e-6, dtype=dtype, name=name)
+
+
+def norm_layer(kind: str, dtype: Any, *, affine: bool = False, name: str | None = None):
+  """A norm over the last axis, eps 1e-6: kind "layernorm" or "rmsnorm" (NORMS).
+
+  affine=False (adaLN blocks, which modulate right after): LayerNorm has no scale and no bias
+  (`plain_layer_norm`); RMSNorm keeps its learnable scale all the same, as LightningDiT.
+  affine=True (the plain pre-norm blocks): LayerNorm with scale and bias.
+  """
+  if kind not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+  if kind == "rmsnorm":
+    return rms_norm(dtype, name)
+  if affine:
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+
+
 def scale_shift_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32):
   """PixArt's scale_shift_table / null-caption init: torch.randn(n, D) / D ** 0.5."""
   return jax.random.normal(key, shape, dtype) / math.sqrt(shape[-1])
@@ -114,3 +145,40 @@ class Mlp(nn.Module):
     dense = partial(nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype)
     x = nn.gelu(dense(self.hidden_features, name="fc1")(x), approximate=True)
     return dense(self.out_features, name="fc2")(x)
+
+
+def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
+  """SwiGLU's hidden width, int(2/3 * int(mlp_ratio * D)): LightningDiT's, not rounded up to a
+  multiple (about the GELU MLP's params and MACs: 3 matmuls of 2/3 the width)."""
+  return int(2 / 3 * int(hidden_size * mlp_ratio))
+
+
+class SwiGLU(nn.Module):
+  """SwiGLU feed-forward (Shazeer 2020): fc2(SiLU(a) * b), [a, b] = fc1(x); (..., D_in) -> out.
+
+  fc1 is the gate and value projections fused, kernel (D_in, 2 hidden), gate first (the layout
+  of LightningDiT's w12, which its w3 is fc2); both with bias.
+  """
+
+  hidden_features: int
+  out_features: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = xavier_uniform
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = partial(nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype)
+    gate, value = jnp.split(dense(2 * self.hidden_features, name="fc1")(x), 2, axis=-1)
+    return dense(self.out_features, name="fc2")(nn.silu(gate) * value)
+
+
+def feed_forward(
+  kind: str, hidden_size: int, mlp_ratio: float, dtype: Any, name: str = "mlp"
+) -> nn.Module:
+  """The block MLP of kind "gelu" (`Mlp`, hidden mlp_ratio D) or "swiglu" (`SwiGLU`, hidden
+  `swiglu_hidden`), (..., D) -> (..., D)."""
+  if kind not in MLPS:
+    raise ValueError(f"mlp must be one of {MLPS}, got {kind!r}")
+  if kind == "swiglu":
+    return SwiGLU(swiglu_hidden(hidden_size, mlp_ratio), hidden_size, dtype, name=name)
+  return Mlp(int(hidden_size * mlp_ratio), hidden_size, dtype, name=name)
