@@ -506,6 +506,7 @@ def test_pixart_bad_checkpoint(tmp_path):
     convert.convert_pixart(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # Over 20 s on 2 cores; the fast tests cover the parts.
 @needs_torch
 def test_sit_checkpoint_converts_to_a_flow_model_that_samples_as_sit(tmp_path, monkeypatch, capsys):
   # SiT's release is DiT's layout (learn_sigma=True, variance half unused); its time runs

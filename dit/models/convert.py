@@ -1,11 +1,13 @@
-"""Public PyTorch DiT / PixArt checkpoints -> Flax params for dit.models.dit.DiT.
+"""Public PyTorch DiT / PixArt / SD3 / Flux checkpoints -> Flax params for dit's models.
 
-Three layouts:
+The layouts:
   convert_dit_checkpoint(path)    the official DiT release (`DiT-XL-2-256x256.pt`, or the same
                                   state dict saved as .safetensors): blocks.{i}.attn.qkv, ...
   convert_diffusers_dit(dir)      diffusers' DiTTransformer2DModel (facebook/DiT-XL-2-256).
   convert_pixart(dir)             diffusers' PixArtTransformer2DModel (PixArt-alpha / sigma).
-Each returns (params, model_kwargs): `DiT(**model_kwargs).apply({"params": params}, ...)`
+  convert_sd3(dir)                diffusers' SD3Transformer2DModel (dit/models/mmdit.py).
+  convert_flux(dir)               diffusers' FluxTransformer2DModel (dit/models/flux.py).
+Each returns (params, model_kwargs): `build_model(model_kwargs).apply({"params": params}, ...)`
 reproduces the PyTorch model. Every tensor is checked by name and shape first; a mismatch
 raises a ValueError listing the missing, unexpected and mis-shaped keys.
 
@@ -24,7 +26,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from dit import checkpoint
-from dit.models import hub_files
+from dit.models import hub_files, layouts
 from dit.models.dit import DiT, abstract_params
 from dit.models.layouts import (
   DIT_EMBEDDER,
@@ -48,13 +50,13 @@ def _apply_rules(
   source: str,
   ignored: Mapping[str, tuple[int, ...]] | None = None,
   progress: bool = False,
+  model=None,
 ) -> dict:
   """Checks names and shapes of `weights` against `rules`, then builds the Flax params
-  (with a tqdm bar over the tensors if `progress`)."""
-  shapes = {
-    k: tuple(v.shape)
-    for k, v in traverse_util.flatten_dict(abstract_params(DiT(**model_kwargs))).items()
-  }
+  (with a tqdm bar over the tensors if `progress`) of `model` (default DiT(**model_kwargs))."""
+  model = DiT(**model_kwargs) if model is None else model
+  flat_shapes = traverse_util.flatten_dict(abstract_params(model))
+  shapes = {k: tuple(v.shape) for k, v in flat_shapes.items()}
   covered = {path for path, _, _ in rules}
   if covered != set(shapes):  # A bug in the rules, not in the checkpoint.
     raise AssertionError(f"rules do not cover the model: {sorted(set(shapes) ^ covered)}")
@@ -310,6 +312,120 @@ def convert_pixart(
   return pixart_params(weights, cfg, repr(model_dir), null_caption, progress=progress)
 
 
+def convert_flux(
+  model_dir: str, *, input_size: int = 128, caption_length: int = 512, progress: bool = False
+) -> tuple[dict, dict]:
+  """A diffusers FluxTransformer2DModel directory (or pipeline root) -> (params, Flux kwargs).
+
+  The rules are dit/models/flux.py's (`diffusers_params`, which documents the arguments).
+  """
+  from dit.models import flux
+
+  model_dir = _diffusers_dir(model_dir)
+  cfg = hub_files.read_config(model_dir)
+  weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
+  return flux.diffusers_params(
+    weights, cfg, repr(model_dir), input_size=input_size, caption_length=caption_length,
+    progress=progress,
+  )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers SD3Transformer2DModel (Stable Diffusion 3's MMDiT) -> dit.models.mmdit.MMDiT.
+
+# SD3's pipeline: 77 CLIP tokens (CLIP-L and CLIP-G, side by side, zero-padded to T5's width)
+# then 256 T5 tokens. Only the length of a text-free call's (zero) null caption.
+SD3_CAPTION_LENGTH = 77 + 256
+
+
+def _sd3_kwargs(cfg: dict, source: str) -> dict:
+  """MMDiT kwargs (with arch="mmdit") of a diffusers SD3Transformer2DModel config, checked."""
+  from dit.models.mmdit import QK_NORMS
+
+  if cfg.get("dual_attention_layers"):
+    raise ValueError(
+      f"Unsupported {source} config dual_attention_layers={list(cfg['dual_attention_layers'])}: "
+      "SD3.5's dual attention (attn2) is not implemented; only SD3-style blocks "
+      "(dual_attention_layers=[]) convert"
+    )
+  heads, head_dim = cfg.get("num_attention_heads", 18), cfg.get("attention_head_dim", 64)
+  hidden, c = heads * head_dim, cfg.get("in_channels", 16)
+  out = cfg.get("out_channels") or c
+  qk_norm = cfg.get("qk_norm") or ""
+  checks = {
+    "caption_projection_dim": (cfg.get("caption_projection_dim", 1152) == hidden, hidden),
+    "out_channels": (out in (c, 2 * c), f"in_channels={c} or twice that"),
+    "qk_norm": (qk_norm in QK_NORMS, "null, 'rms_norm' or 'layer_norm'"),
+    "pooled_projection_dim": (cfg.get("pooled_projection_dim", 2048) > 0, "> 0"),
+  }
+  for key, (ok, expected) in checks.items():
+    if not ok:
+      raise ValueError(f"Unsupported {source} config {key}={cfg.get(key)!r}; expected {expected}.")
+  return dict(
+    arch="mmdit",
+    input_size=cfg.get("sample_size", 128),
+    patch_size=cfg.get("patch_size", 2),
+    in_channels=c,
+    hidden_size=hidden,
+    depth=cfg.get("num_layers", 18),
+    num_heads=heads,
+    mlp_ratio=4.0,
+    num_classes=0,
+    learn_sigma=out == 2 * c,
+    caption_channels=cfg.get("joint_attention_dim", 4096),
+    caption_length=SD3_CAPTION_LENGTH,
+    pooled_channels=cfg.get("pooled_projection_dim", 2048),
+    null_caption="zeros",  # SD3 trains its dropped captions as zero embeddings.
+    attend_padding=True,  # SD3 attends to its padded text sequence, padding included.
+    pos_embed_max_size=cfg.get("pos_embed_max_size") or 0,  # None: diffusers' uncropped table.
+    pe_interpolation=1.0,
+    qk_norm=qk_norm,
+  )
+
+
+def sd3_params(
+  weights: Mapping[str, np.ndarray],
+  cfg: dict,
+  source: str = "<state dict>",
+  *,
+  progress: bool = False,
+) -> tuple[dict, dict]:
+  """diffusers SD3Transformer2DModel state dict + config -> (params, model_kwargs).
+
+  `dit.models.mmdit.build_model(kwargs without arch)` reproduces it: cond["text"] is its
+  encoder_hidden_states, cond["pooled"] its pooled_projections, t its timestep (1000 sigma).
+  The last block's text-query tensors (which compute nothing) are checked and dropped; the
+  stored position table must be the one MMDiT computes.
+  """
+  from dit.models import mmdit
+
+  kwargs = _sd3_kwargs(cfg, source)
+  model = mmdit.build_model({k: v for k, v in kwargs.items() if k != "arch"})
+  d, depth, qk_norm = model.hidden_size, model.depth, model.qk_norm
+  ignored = layouts.sd3_unused(depth, qk_norm, d, d // model.num_heads)
+  m = model.pos_embed_max_size or model.input_size // model.patch_size
+  if "pos_embed.pos_embed" in weights:  # A buffer, persistent when pos_embed_max_size is set.
+    ignored["pos_embed.pos_embed"] = (1, m * m, d)
+  rules = layouts.sd3_rules(depth, qk_norm)
+  params = _apply_rules(weights, rules, kwargs, source, ignored, progress, model=model)
+  if "pos_embed.pos_embed" in weights:
+    diff = np.abs(weights["pos_embed.pos_embed"][0] - model._pos_embed(m, m)).max()
+    if diff > 1e-4:
+      raise ValueError(
+        f"Checkpoint {source}: pos_embed.pos_embed differs from SD3's sin-cos table for "
+        f"sample_size={model.input_size}, patch_size={model.patch_size} (max abs diff {diff:.3g})"
+      )
+  return params, kwargs
+
+
+def convert_sd3(model_dir: str, *, progress: bool = False) -> tuple[dict, dict]:
+  """A diffusers SD3 transformer directory (or pipeline root) -> (params, MMDiT kwargs)."""
+  model_dir = _diffusers_dir(model_dir)
+  cfg = hub_files.read_config(model_dir)
+  weights = hub_files.read_safetensors(model_dir, "diffusion_pytorch_model")
+  return sd3_params(weights, cfg, repr(model_dir), progress=progress)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: a public checkpoint -> an Orbax checkpoint + config.json that dit.sample reads.
 #
@@ -320,19 +436,23 @@ def convert_pixart(
 #   python -m dit.sample --workdir=runs/dit_xl --labels=207,360 --num=8
 
 #   python -m dit.models.convert --kind=sit --source=SiT-XL-2-256x256.pt --workdir=runs/sit_xl
+#   python -m dit.models.convert --kind=flux --source=/models/FLUX.1-dev --workdir=runs/flux \
+#       [--input_size=128 --caption_length=512]   # dit/models/flux.py, docs/flux.md
 #
 # And back out (dit/models/export.py, docs/export.md): a workdir -> a diffusers directory.
 #   python -m dit.models.convert --export=diffusers --workdir=runs/digits --out=digits_diffusers
 
 # "sit": SiT's checkpoints are in DiT's layout; the config (configs/imagenet256_sit.py) makes
 # them flow-matching models with SiT's time convention.
-KINDS = ("dit", "sit", "diffusers_dit", "pixart")
+KINDS = ("dit", "sit", "diffusers_dit", "pixart", "flux", "sd3")
 # The config each kind's settings start from (model fields are then replaced by the weights').
 _BASE_CONFIGS = {
   "dit": "imagenet256_dit.py",
   "sit": "imagenet256_sit.py",
   "diffusers_dit": "imagenet256_dit.py",
   "pixart": "t2i_pixart.py",
+  "flux": "t2i_flux.py",
+  "sd3": "t2i_mmdit.py:sd3",  # Flow matching with SD3's shift and sampler settings.
 }
 
 
@@ -402,6 +522,13 @@ def main(argv: list[str]) -> None:
       params, kwargs = convert_dit_checkpoint(f.source, f.num_heads, progress=f.progress)
     elif f.kind == "diffusers_dit":
       params, kwargs = convert_diffusers_dit(f.source, progress=f.progress)
+    elif f.kind == "sd3":
+      params, kwargs = convert_sd3(f.source, progress=f.progress)
+    elif f.kind == "flux":  # T5 tokens per prompt: 512 ([dev]) unless --caption_length.
+      length = f.caption_length if f["caption_length"].present else 512
+      params, kwargs = convert_flux(
+        f.source, input_size=f.input_size, caption_length=length, progress=f.progress
+      )
     else:
       null = _null_caption(f.t5, f.caption_length) if f.t5 else None
       params, kwargs = convert_pixart(f.source, null_caption=null, progress=f.progress)
@@ -457,6 +584,7 @@ def define_flags() -> None:
   flags.DEFINE_string("vae", None, "VAE directory for config.vae.path.")
   flags.DEFINE_integer("num_heads", None, "Heads of an official DiT (default by width).")
   flags.DEFINE_integer("caption_length", 120, "PixArt tokens per caption (120 alpha, 300 sigma).")
+  flags.DEFINE_integer("input_size", 128, "Flux: latent side of the config (128 = 1024 px).")
   flags.DEFINE_enum(
     "export", None, ["diffusers"], "Export --workdir instead: a diffusers model directory."
   )

@@ -1,4 +1,5 @@
-"""The PyTorch layouts of DiT and PixArt: one rule table, read both ways.
+"""The PyTorch layouts of DiT and PixArt (and SD3's MMDiT, import only): one rule table, read
+both ways.
 
 The importer (dit/models/convert.py) maps PyTorch tensors to Flax params with `to_flax`; the
 exporter (dit/models/export.py) maps them back with `to_torch`, from the same rules. A rule
@@ -159,3 +160,68 @@ def pixart_rules(depth: int, size_conditioning: bool, learned_null: bool) -> lis
     rules += block_rules(f, t, cross=True)
     rules.append(((f, "scale_shift_table"), (f"{t}.scale_shift_table",), "copy"))
   return rules
+
+
+# ---- SD3 (diffusers' SD3Transformer2DModel <-> dit.models.mmdit.MMDiT) ----------------------
+
+# diffusers' QK-norm modules -> MMDiT's (both streams; "added" is the text stream).
+SD3_QK_NORMS = {
+  "q_norm": "norm_q",
+  "k_norm": "norm_k",
+  "context_q_norm": "norm_added_q",
+  "context_k_norm": "norm_added_k",
+}
+
+
+def sd3_rules(depth: int, qk_norm: str) -> list[Rule]:
+  """Rules for diffusers' SD3Transformer2DModel (SD3-style blocks, no dual attention).
+
+  The last block is context-pre-only: its text stream gives keys and values only, so its
+  attn.add_q_proj and attn.norm_added_q have no MMDiT param (`sd3_unused` lists them).
+  """
+  emb = "time_text_embed"
+  rules: list[Rule] = [
+    (("x_embedder", "kernel"), ("pos_embed.proj.weight",), "patch"),
+    (("x_embedder", "bias"), ("pos_embed.proj.bias",), "copy"),
+    *linear(("t_embedder", "mlp_0"), [f"{emb}.timestep_embedder.linear_1"]),
+    *linear(("t_embedder", "mlp_2"), [f"{emb}.timestep_embedder.linear_2"]),
+    *linear(("pooled_embedder", "linear_1"), [f"{emb}.text_embedder.linear_1"]),
+    *linear(("pooled_embedder", "linear_2"), [f"{emb}.text_embedder.linear_2"]),
+    *linear(("context_embedder",), ["context_embedder"]),
+    *linear(("final_layer", "adaLN_modulation_1"), ["norm_out.linear"]),  # (scale, shift).
+    *linear(("final_layer", "linear"), ["proj_out"]),
+  ]
+  for i in range(depth):
+    f, t = f"blocks_{i}", f"transformer_blocks.{i}"
+    last = i == depth - 1
+    rules += linear((f, "adaLN_modulation_1"), [f"{t}.norm1.linear"])
+    rules += linear((f, "context_adaLN_modulation_1"), [f"{t}.norm1_context.linear"])
+    rules += linear((f, "attn", "qkv"), [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v"])
+    rules += linear((f, "attn", "proj"), [f"{t}.attn.to_out.0"])
+    context = ("k", "v") if last else ("q", "k", "v")
+    name = "context_kv" if last else "context_qkv"
+    rules += linear((f, "attn", name), [f"{t}.attn.add_{n}_proj" for n in context])
+    rules += linear((f, "mlp", "fc1"), [f"{t}.ff.net.0.proj"])
+    rules += linear((f, "mlp", "fc2"), [f"{t}.ff.net.2"])
+    if not last:
+      rules += linear((f, "attn", "context_proj"), [f"{t}.attn.to_add_out"])
+      rules += linear((f, "context_mlp", "fc1"), [f"{t}.ff_context.net.0.proj"])
+      rules += linear((f, "context_mlp", "fc2"), [f"{t}.ff_context.net.2"])
+    for ours, theirs in SD3_QK_NORMS.items() if qk_norm else ():
+      if last and ours == "context_q_norm":
+        continue
+      rules.append(((f, "attn", ours, "scale"), (f"{t}.attn.{theirs}.weight",), "copy"))
+      if qk_norm == "layer_norm":
+        rules.append(((f, "attn", ours, "bias"), (f"{t}.attn.{theirs}.bias",), "copy"))
+  return rules
+
+
+def sd3_unused(depth: int, qk_norm: str, hidden: int, head_dim: int) -> dict[str, tuple]:
+  """{name: shape} of the SD3 tensors that compute nothing: the last block's text queries."""
+  t = f"transformer_blocks.{depth - 1}.attn"
+  unused = {f"{t}.add_q_proj.weight": (hidden, hidden), f"{t}.add_q_proj.bias": (hidden,)}
+  if qk_norm:
+    unused[f"{t}.norm_added_q.weight"] = (head_dim,)
+  if qk_norm == "layer_norm":
+    unused[f"{t}.norm_added_q.bias"] = (head_dim,)
+  return unused

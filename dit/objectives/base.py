@@ -14,8 +14,9 @@ Apply = Callable[[Any, Array, Array, dict], Array]
 # loss(params, batch, frozen) -> (scalar loss, {name: scalar} metrics).
 Loss = Callable[[Any, dict, dict], tuple[Array, dict[str, Array]]]
 
-# resolution (B, 2), aspect_ratio (B, 1): PixArt-alpha micro-conditioning (size_conditioning).
-COND_KEYS = ("label", "text", "text_mask", "resolution", "aspect_ratio")
+# resolution (B, 2), aspect_ratio (B, 1): PixArt-alpha micro-conditioning (size_conditioning);
+# pooled (B, P): a pooled text vector (MMDiT / Flux with pooled_channels > 0).
+COND_KEYS = ("label", "text", "text_mask", "resolution", "aspect_ratio", "pooled")
 
 
 @dataclasses.dataclass(frozen=True)
