@@ -11,7 +11,13 @@ costs. Compiling is CPU-bound, so other load distorts it: the JSON records the 1
 average before and after, the CPU count, and `noisy` when either load average exceeds the
 CPU count. Measure on an idle machine. XL/2 unrolled is left out (about 10 minutes on a CPU).
 
-Writes benchmarks/results/compile.json unless --out is given.
+Every entry also records the size of its traced program, a deterministic proxy of compile
+time that any machine can measure: `jaxpr_eqns` (equations of the step's jaxpr, scan and cond
+bodies included) and `stablehlo_lines` (of the lowered module). `--sizes_only` measures only
+these: nothing is compiled or timed, so it may run next to other jobs.
+
+Writes benchmarks/results/compile.json unless --out is given (--sizes_only: no default, it
+prints).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 import time
 
 import jax
+import jax.extend
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
 from benchmarks import common  # noqa: E402
@@ -45,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--large", default="on", choices=("on", "off"), help="XL/2 scanned too")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--remat", action="store_true", help="rematerialise the blocks")
+  p.add_argument("--sizes_only", action="store_true", help="program sizes only, no timing")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
   return p.parse_args(argv)
 
@@ -77,8 +85,43 @@ def make_step(args: argparse.Namespace, entry: dict):
   return config, step, abstract_state, train_bench.abstract_batch(config, sharding)
 
 
+def jaxpr_eqns(jaxpr) -> int:
+  """Equations of a jaxpr, those of its sub-jaxprs (scan, cond, custom_vjp bodies) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += 1
+    for value in eqn.params.values():
+      for v in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(v, jax.extend.core.ClosedJaxpr):
+          n += jaxpr_eqns(v.jaxpr)
+        elif isinstance(v, jax.extend.core.Jaxpr):
+          n += jaxpr_eqns(v)
+  return n
+
+
+def program_size(step, state, batch) -> dict:
+  """{"jaxpr_eqns", "stablehlo_lines"} of the train step (traced and lowered, not compiled)."""
+  traced = step.trace(state, batch, {})
+  return {
+    "jaxpr_eqns": jaxpr_eqns(traced.jaxpr.jaxpr),
+    "stablehlo_lines": traced.lower().as_text().count("\n"),
+  }
+
+
+def measure_size(args: argparse.Namespace, entry: dict) -> dict:
+  config, step, state, batch = make_step(args, entry)
+  row = {**entry, "depth": config.model.depth, **program_size(step, state, batch)}
+  print(
+    f"{entry['model']} depth {row['depth']} scan {entry['scan']}: {row['jaxpr_eqns']} jaxpr "
+    f"equations, {row['stablehlo_lines']} StableHLO lines"
+  )
+  return row
+
+
 def measure(args: argparse.Namespace, entry: dict) -> dict:
   """Wall and CPU seconds of lowering and of compiling one entry's train step."""
+  config, step, state, batch = make_step(args, entry)
+  size = program_size(step, state, batch)  # Untimed; a new trace for the timed lowering.
   config, step, state, batch = make_step(args, entry)
   wall, cpu = time.perf_counter(), time.process_time()
   lowered = step.lower(state, batch, {})  # {}: no frozen inputs.
@@ -97,6 +140,7 @@ def measure(args: argparse.Namespace, entry: dict) -> dict:
     "total_s": lower_s + compile_s,
     "lower_cpu_s": lower_cpu_s,
     "compile_cpu_s": compile_cpu_s,
+    **size,
   }
   print(
     f"{entry['model']} depth {m.depth} scan {entry['scan']}: lower {lower_s:.1f} s + compile "
@@ -141,8 +185,27 @@ def run(args: argparse.Namespace) -> dict:
   }
 
 
+def run_sizes(args: argparse.Namespace) -> dict:
+  rows = [measure_size(args, entry) for entry in entries(args)]
+  return {
+    "benchmark": "compile_program_size",
+    "what": "train step (dit.train.setup's update): jaxpr equations and StableHLO lines",
+    "tiny": args.tiny,
+    "dtype": args.dtype,
+    "remat": args.remat,
+    "batch": (TINY if args.tiny else FULL)["batch"],
+    "entries": rows,
+    **common.metadata(),
+  }
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
+  if args.sizes_only:
+    result = run_sizes(args)
+    if args.out:
+      common.write_json(args.out, result)
+    return result
   result = run(args)
   if result["noisy"]:
     print(f"noisy: load average above the {result['cpu_count']} CPUs; rerun on an idle machine")

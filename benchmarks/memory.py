@@ -12,9 +12,10 @@ figures: the CPU compiler's buffer assignment (fusion, bf16 handling) differs fr
 
 --grid: for every depth in --depths, scan in --scans and remat in --remat (with each
 --policies name when on), the temporaries (`temp_size_in_bytes`) of (a) `grad`: jax.grad of
-mean(model(x, t, label)^2) at --batch, the figure docs/performance.md quotes, and (b)
-`train_step`: the train loop's whole update step (dit.train.setup: loss, grads, AdamW, EMA,
-state donated), plus its argument / output / alias sizes. The JSON's "targets" compares
+mean(model(x, t, label)^2) at --batch, the figure docs/performance.md quotes (scanned: the
+params in the stacked layout), and (b) `train_step`: the train loop's whole update step
+(dit.train.setup: loss, grads, AdamW, EMA, NaN guard, state donated; scanned: the state
+stacked), plus its argument / output / alias sizes. The JSON's "targets" compares
 remat to no remat at each depth, and the deepest to the shallowest with remat. Writes
 benchmarks/results/memory.json unless --out is given.
 
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import common  # noqa: E402
 from benchmarks import train as train_bench  # noqa: E402
 from dit.models import dit as dit_model  # noqa: E402
+from dit.models import repeat  # noqa: E402
 
 GB = 1e9
 MIB = 2**20
@@ -105,10 +107,14 @@ def train_step_memory(config) -> dict:
 
 
 def grad_temp_bytes(config) -> int:
-  """Temporaries of jax.grad of mean(model(x, t, label)^2), params abstract."""
+  """Temporaries of jax.grad of mean(model(x, t, label)^2), params abstract (scanned: in the
+  stacked layout, as the train state keeps them)."""
   model = dit_model.build_model(config.model)
   x, t, cond = dit_model.example_inputs(model, config.batch_size)
   params = dit_model.abstract_params(model)
+  if config.model.scan:
+    stacks = repeat.find_stacks(model, *dit_model.example_inputs(model))
+    params = jax.eval_shape(lambda p: repeat.stack_tree(p, stacks), params)
   grad = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, cond) ** 2))
   return int(jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes)
 

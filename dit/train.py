@@ -55,14 +55,14 @@ import numpy as np
 import optax
 from absl import flags, logging
 
-from dit import checkpoint, distill, evaluation, generate, hardware, objectives, parallel
+from dit import checkpoint, distill, evaluation, generate, hardware, mup, objectives, parallel
 from dit import cli as cli_lib
 from dit.checkpoint import State
 from dit.cli import UserError, run_command
 from dit.data import pipeline
 from dit.diffusion import flow, schedules
 from dit.models import dit as dit_model
-from dit.models import flops
+from dit.models import flops, repeat
 from dit.optim import make_optimizer
 
 # Policies of `jax.checkpoint` that take no arguments (config.step_remat_policy).
@@ -140,6 +140,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list
       old, new, _RESUME_SECTIONS, ignore=checkpoint.COMPUTE_ONLY_KEYS
     )
   ]
+  diffs += mup.resume_conflicts(old, config)  # Its optimizer state has another layout.
   if diffs:
     raise UserError(
       f"{workdir} holds a run with an incompatible config; use a new --workdir or the "
@@ -170,6 +171,8 @@ def init_state(
   """
   init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
   params = model.init(init_key, *dit_model.example_inputs(model))["params"]
+  if mup.enabled(config):  # Rescales the fresh init by width (dit/mup.py).
+    params = mup.init_params(config, params, init_key)
   if objective is not None and objective.init_params is not None:
     params = objective.init_params(params, frozen)
   return checkpoint.new_state(params, tx, train_key)
@@ -224,6 +227,17 @@ def _grads(loss_fn, params, micro: dict, k: int):
   return jax.tree.map(lambda x: x / k, total)
 
 
+def _global_norm(tree) -> jax.Array:
+  """optax.global_norm, leaf by leaf: each leaf's squares wait for the sum so far (0 * it is
+  added), so XLA keeps one leaf's squares live instead of every leaf's (stacked block params:
+  a whole param-sized copy). A non-finite sum makes every later term NaN: still non-finite."""
+  total = jnp.zeros((), jnp.float32)
+  for x in reversed(jax.tree.leaves(tree)):
+    x = x + (0 * total).astype(x.dtype)
+    total = total + jnp.sum(jnp.square(x)).astype(jnp.float32)
+  return jnp.sqrt(total)
+
+
 def make_update_fn(
   config: ml_collections.ConfigDict,
   loss: objectives.base.Loss,
@@ -254,25 +268,33 @@ def make_update_fn(
     if axis_name:
       loss_value, aux, grads = jax.lax.pmean((loss_value, aux, grads), axis_name)
 
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    grad_norm = _global_norm(grads)
     step = state["step"]
     decay = o.ema_decay
     if o.ema_warmup:
       decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
+
+    def apply(old):
+      """params, opt_state, ema_params after this step's update."""
+      updates, opt_state = tx.update(grads, old["opt_state"], old["params"])
+      params = optax.apply_updates(old["params"], updates)
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, old["ema_params"], params)
+      return {"params": params, "opt_state": opt_state, "ema_params": ema}
 
     # NaN/Inf guard: a bad step changes nothing but the counters, so a checkpoint never
-    # holds non-finite values.
+    # holds non-finite values. Decided before the update, which then runs under lax.cond:
+    # a select of new against old (jnp.where) kept both alive and cost 4 param-sized
+    # temporaries; the taken branch updates the donated buffers in place. The updates are
+    # checked with per-leaf `all` reductions, which XLA fuses with the update's arithmetic
+    # (a global norm of them would be materialised).
     ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-    ok = ok & jnp.isfinite(optax.global_norm(updates))
-    keep = lambda new, old: jax.tree.map(lambda n, o_: jnp.where(ok, n, o_), new, old)
+    updates, _ = tx.update(grads, state["opt_state"], state["params"])  # For the check only.
+    ok = ok & jnp.stack([jnp.isfinite(u).all() for u in jax.tree.leaves(updates)]).all()
+    trained = {k: state[k] for k in ("params", "opt_state", "ema_params")}
+    trained = jax.lax.cond(ok, apply, lambda old: old, trained)
     new_state = {
       "step": step + 1,
-      "params": keep(params, state["params"]),
-      "ema_params": keep(ema, state["ema_params"]),
-      "opt_state": keep(opt_state, state["opt_state"]),
+      **trained,
       "rng": state["rng"],
       "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
       "skipped_steps": state["skipped_steps"] + (~ok).astype(jnp.int32),
@@ -299,8 +321,15 @@ class Setup:
   but the objective's frozen inputs.
 
   step: the jitted (mesh) or pmapped update, `step(state, batch, frozen)`, state donated.
-  init: () -> the initial state placed on `state_sharding` (unstacked).
-  place_state / host_state: unstacked state -> the step's layout (stacked for pmap) and back.
+  abstract_state, state_sharding: the step's state (no device axis). With config.model.scan
+  its params, EMA and optimizer moments hold each block stack in the stacked layout
+  (`stacks`, dit/models/repeat.py): the scanned model scans them as they are, so the traced
+  step does not grow with depth. checkpoint_state: the same state as checkpoints hold it
+  (per-block params blocks_{i}, whichever way the model runs), with its shardings.
+  init: () -> the initial state in the step's layout, placed on `state_sharding`.
+  place_state: the step's state -> the step's input (a device axis for pmap); host_state:
+  back, to the checkpoint layout (what save, sampling and evaluation take).
+  from_checkpoint: the checkpoint layout -> the step's (a restored state).
   to_device: a host batch -> the step's batch layout. frozen: the objective's frozen inputs,
   placed for the step.
   """
@@ -319,12 +348,34 @@ class Setup:
   init: Callable[[], State]
   to_device: Callable[[dict], dict]
   frozen: dict
+  checkpoint_state: State
+  stacks: tuple[repeat.Stack, ...] = ()  # Stacked in the step's state; () without scan.
+  _relayouts: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def place_state(self, state: State) -> State:
     return parallel.stack_for_pmap(state, self.mesh) if self.use_pmap else state
 
   def host_state(self, state: State) -> State:
-    return parallel.unstack_from_pmap(state, self.mesh) if self.use_pmap else state
+    state = parallel.unstack_from_pmap(state, self.mesh) if self.use_pmap else state
+    return self._relayout("checkpoint", None)(state)
+
+  def from_checkpoint(self, tree: Any, key: str | None = None) -> Any:
+    """A state in the checkpoint layout (or its `key` entry, "params") -> the step's layout,
+    on state_sharding."""
+    return self._relayout("step", key)(tree)
+
+  def _relayout(self, to: str, key: str | None) -> Callable:
+    if not self.stacks:
+      return lambda tree: tree
+    if (to, key) not in self._relayouts:
+      target = self.abstract_state if to == "step" else self.checkpoint_state
+      target = target if key is None else target[key]
+      convert = repeat.stack_tree if to == "step" else repeat.unstack_tree
+      self._relayouts[to, key] = jax.jit(
+        lambda tree: convert(tree, self.stacks),
+        out_shardings=jax.tree.map(lambda a: a.sharding, target),
+      )
+    return self._relayouts[to, key]
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, int]:
@@ -349,21 +400,28 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   apply = make_apply(model, config.get("step_remat_policy", ""))
   objective = objectives.make_objective(config, apply, schedule)
   init_fn = functools.partial(init_state, config, model, tx, objective)
-  abstract_state = jax.eval_shape(init_fn, objective.frozen)
+  saved_state = jax.eval_shape(init_fn, objective.frozen)  # The checkpoint layout.
+  # Scanned, the step's state keeps the block stacks stacked (see Setup).
+  stacks = ()
+  if config.model.get("scan", False):
+    stacks = repeat.find_stacks(model, *dit_model.example_inputs(model))
 
   # Shardings of the (unstacked) state and the frozen inputs: replicated for pmap, by the
-  # rules on the mesh.
+  # rules on the mesh; a stacked leaf is sharded as each of its blocks, whole over depth.
   replicated = parallel.replicated(mesh)
   if use_pmap:
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    saved_sharding = jax.tree.map(lambda _: replicated, saved_state)
     frozen_sharding = jax.tree.map(lambda _: replicated, objective.frozen)
   else:
     fsdp_min = config.mesh.get("fsdp_min_size", 2**14)
-    state_sharding = parallel.state_sharding(abstract_state, mesh, min_fsdp_size=fsdp_min)
+    saved_sharding = parallel.state_sharding(saved_state, mesh, min_fsdp_size=fsdp_min)
     frozen_sharding = parallel.state_sharding(objective.frozen, mesh, min_fsdp_size=fsdp_min)
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-  )
+  with_depth = lambda blocks: jax.NamedSharding(mesh, jax.P(None, *blocks[0].spec))
+  state_sharding = repeat.stack_tree(saved_sharding, stacks, stack=with_depth)
+  placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  checkpoint_state = jax.tree.map(placed, saved_state, saved_sharding)
+  abstract_state = jax.eval_shape(lambda s: repeat.stack_tree(s, stacks), saved_state)
+  abstract_state = jax.tree.map(placed, abstract_state, state_sharding)
 
   update = make_update_fn(config, objective.loss, tx, lr_schedule, "batch" if use_pmap else None)
   if use_pmap:
@@ -379,7 +437,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     )
     to_device = functools.partial(parallel.global_batch, sharding=batch_sharding)
   frozen = jax.device_put(objective.frozen, frozen_sharding)
-  init = jax.jit(init_fn, out_shardings=state_sharding)
+  init = jax.jit(lambda f: repeat.stack_tree(init_fn(f), stacks), out_shardings=state_sharding)
   return Setup(
     config=config,
     mesh=mesh,
@@ -395,6 +453,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     init=lambda: init(frozen),
     to_device=to_device,
     frozen=parallel.stack_for_pmap(frozen, mesh) if use_pmap else frozen,
+    checkpoint_state=checkpoint_state,
+    stacks=stacks,
   )
 
 
@@ -509,10 +569,10 @@ def train_and_evaluate(
   init_from: fine-tuning: a workdir (or its ckpt/, or ckpt/<step>) whose EMA params start a
   new run here (step 0, a fresh optimizer); their shapes must fit config.model. Rerunning
   the same command resumes the fine-tuning run.
-  The returned state is unstacked (no device axis): replicated for "pmap", sharded over the
-  mesh for "mesh". Nothing is written to `workdir` before the config, the devices, the data
-  (and init_from's params) have been accepted; config changes on resume are recorded in
-  config_history.jsonl.
+  The returned state is unstacked (no device axis) and in the checkpoint layout (per-block
+  params): replicated for "pmap", sharded over the mesh for "mesh". Nothing is written to
+  `workdir` before the config, the devices, the data (and init_from's params) have been
+  accepted; config changes on resume are recorded in config_history.jsonl.
   """
   if config.distributed:
     parallel.initialize_distributed()
@@ -578,20 +638,23 @@ def init_source(workdir: str, init_from: str | None) -> tuple[str, int | None] |
 
 
 def _init_params(s: Setup, source: tuple[str, int | None]):
-  """The EMA params of --init_from's checkpoint, checked against config.model, placed."""
+  """The EMA params of --init_from's checkpoint, checked against config.model, placed in the
+  step's layout."""
   workdir, step = source
   try:
-    params = checkpoint.restore_params(workdir, s.abstract_state["params"], step=step)
+    params = checkpoint.restore_params(workdir, s.checkpoint_state["params"], step=step)
   except UserError as e:
     raise UserError(f"--init_from: {e}") from e
-  return jax.device_put(params, s.state_sharding["params"])
+  params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, s.checkpoint_state["params"]))
+  return s.from_checkpoint(params, "params")
 
 
 def _start_state(s: Setup, mngr, data_iter, init_params) -> tuple[State, int | None]:
   """(the state to train from, the restored step or None for a new run)."""
-  restored = checkpoint.restore(mngr, s.abstract_state)
+  restored = checkpoint.restore(mngr, s.checkpoint_state)
   if restored is not None:
     state, data_state = restored
+    state = s.from_checkpoint(state)
     data_iter.set_state(data_state)
     step = int(parallel.first_value(state["step"]))
     if jax.process_index() == 0:
@@ -633,6 +696,7 @@ def make_data_iterator(config: ml_collections.ConfigDict) -> pipeline.TrainItera
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       num_classes=config.model.num_classes or None,
+      size_multiple=config.model.get("patch_size", 1),  # Aspect-ratio buckets' sides.
     )
   except (ValueError, FileNotFoundError) as e:
     raise UserError(f"config.data: {str(e).rstrip('.')}.") from e
@@ -672,17 +736,18 @@ def _loop(s: Setup, state: State, data_iter, workdir: str, mngr, best_mngr) -> S
   flops_per_image = _train_flops_per_image(s.model) if is_main else None
   progress, clock = None, Throughput()
   preemption = _Preemption()
-  compiled, window = None, []
+  compiled, window = {}, []  # One program per batch shape (aspect-ratio buckets: per bucket).
   step, data_state = start_step, data_iter.get_state()
   try:
     while step < config.total_steps:
       batch = s.to_device(_model_inputs(config, next(data_iter)))
       data_state = data_iter.get_state()  # Points at the batch after this one.
-      if compiled is None:
-        compiled = clock.compile(s.step, state, batch, s.frozen)
-        if is_main and config.progress_bar:  # From here: its ETA leaves out the compile.
+      shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+      if shapes not in compiled:
+        compiled[shapes] = clock.compile(s.step, state, batch, s.frozen)
+        if is_main and config.progress_bar and progress is None:  # ETA without the compile.
           progress = _progress_bar(config.total_steps, start_step)
-      state, metrics = compiled(state, batch, s.frozen)
+      state, metrics = compiled[shapes](state, batch, s.frozen)
       step += 1
       window.append(metrics)
       if progress is not None:
@@ -727,13 +792,17 @@ class Throughput:
   def __init__(self):
     self.start = time.perf_counter()
     self.compile_seconds = None
+    self.compiles = 0
 
   def compile(self, step_fn, *args):
-    """step_fn compiled for args (ahead of time, so no step's time holds the compile)."""
+    """step_fn compiled for args (ahead of time, so no step's time holds the compile); a later
+    compile (a new batch shape: an aspect-ratio bucket) is left out of its window too."""
     begin = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
-    self.start = time.perf_counter()
-    self.compile_seconds = self.start - begin
+    end = time.perf_counter()
+    self.start = end if not self.compiles else self.start + (end - begin)
+    self.compile_seconds = (self.compile_seconds or 0.0) + (end - begin)
+    self.compiles += 1
     return compiled
 
   def window(self, metrics) -> tuple[float, dict]:
@@ -818,11 +887,11 @@ def _sample_and_evaluate(s: Setup, host: State, step, workdir, writer, best_mngr
 
 def _model_inputs(config, batch: dict) -> dict:
   """What the update step consumes (no caption strings), with the image sizes of models that
-  are conditioned on them (every training image has the trained size)."""
+  are conditioned on them (the batch's size: one aspect-ratio bucket's, or the trained one)."""
   keep = ("image", "latent", *objectives.base.COND_KEYS)
   inputs = {k: v for k, v in batch.items() if k in keep}
-  num = len(inputs["latent" if "latent" in inputs else "image"])
-  sizes = generate.size_cond(config, num)
+  x = inputs["latent" if "latent" in inputs else "image"]
+  sizes = generate.size_cond(config, len(x), size=np.shape(x)[1:3])
   return {**inputs, **{k: np.asarray(v) for k, v in sizes.items() if k not in inputs}}
 
 

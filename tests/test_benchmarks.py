@@ -109,7 +109,9 @@ def test_train_benchmark(tmp_path):
   assert r["model_gflops_per_step_per_device"] > 0
   if r["xla_gflops_per_step_per_device"] is not None:
     ratio = r["xla_gflops_per_step_per_device"] / r["model_gflops_per_step_per_device"]
-    assert 0.8 < ratio < 3.0, ratio
+    # XLA also counts the elementwise optimizer, EMA and NaN-guard work, a large share of a
+    # tiny model's step.
+    assert 0.8 < ratio < 4.0, ratio
 
 
 def test_sample_benchmark(tmp_path):

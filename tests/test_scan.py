@@ -7,10 +7,15 @@ block is traced however deep the model; and remat saves memory in the compiled b
 pass, unrolled and scanned (it did not before: docs/performance.md).
 """
 
+from typing import NamedTuple
+
+import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import numpy_dit
+import optax
 import pytest
 
 from dit.models import flops, repeat
@@ -209,3 +214,186 @@ def test_remat_policy_names():
   with pytest.raises(ValueError, match="'offload_dot_with_no_batch_dims' needs scan=True"):
     init(model.clone(**offload))
   init(model.clone(**offload, scan=True))
+
+
+# ---- The stacked layout: what the train state keeps with scan (dit/train.py) -------------
+
+
+def test_stacked_params_give_the_unrolled_outputs_and_grads():
+  """A scanned model takes the stacked layout as it is (no stacking in apply): outputs, and
+  gradients that are the per-block ones stacked, match the unrolled model's with blocks_{i};
+  the unrolled model takes the stacked layout too."""
+  fields, model, params, x, t, cond = _case("adaln_zero_captions")
+  stacked = repeat.stack_blocks(params)
+  swapped = {**stacked, "blocks": jax.tree.map(lambda p: p[::-1], stacked["blocks"])}
+
+  def run(m, p):
+    loss = lambda p: jnp.mean(jnp.sin(m.apply({"params": p}, x, t, cond)))
+    return jax.value_and_grad(loss)(p)
+
+  def all_variants(params, stacked, swapped):
+    rows = [run(model.clone(scan=True), stacked), run(model.clone(scan=True, remat=True), stacked)]
+    rows.append(run(model, stacked))
+    other = model.clone(scan=True).apply({"params": swapped}, x, t, cond)  # Forward only.
+    return run(model, params), rows, jnp.mean(jnp.sin(other))
+
+  args = (params, stacked, swapped)
+  (loss0, grads0), rows, other = jax.jit(all_variants).lower(*args).compile(FAST_COMPILE)(*args)
+  want = repeat.stack_blocks(grads0)
+  for i, (loss, grads) in enumerate(rows):
+    np.testing.assert_allclose(loss, loss0, atol=ATOL, rtol=0, err_msg=f"variant {i}")
+    assert jax.tree.structure(grads) == jax.tree.structure(want)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(g, g0, atol=ATOL, rtol=1e-5, err_msg=f"variant {i}")
+  assert abs(float(other) - float(loss0)) > 1e-4  # Row i of the stack is blocks_i.
+  one = {**stacked, "blocks": jax.tree.map(lambda p: p[:1], stacked["blocks"])}
+  with pytest.raises(
+    ValueError, match=r"stacked params 'blocks' have \[1\] rows, expected depth=2"
+  ):
+    jax.eval_shape(lambda p: model.clone(scan=True).apply({"params": p}, x, t, cond), one)
+
+
+def _eqns(jaxpr) -> int:
+  """Equations of a jaxpr, those of its sub-jaxprs (scan and cond bodies, ...) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += 1
+    for value in eqn.params.values():
+      for v in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(v, jax.extend.core.ClosedJaxpr):
+          n += _eqns(v.jaxpr)
+        elif isinstance(v, jax.extend.core.Jaxpr):
+          n += _eqns(v)
+  return n
+
+
+def test_scanned_train_step_does_not_grow_with_depth():
+  """The whole train step (loss, grads, AdamW, EMA, NaN guard) traces to the same program at
+  depth 2 and 6 when scanned: the state is stacked, so no per-block stack, slice, optimizer
+  or EMA op is left (before: 4056 -> 11616 equations for S/2 from depth 6 to 24)."""
+  from conftest import tiny_config
+
+  from dit import train
+
+  def eqns(depth, scan):
+    config = tiny_config(**{"model.depth": depth, "model.scan": scan, "parallelism": "mesh"})
+    s = train.setup(config)
+    size = config.model.input_size
+    batch = {
+      "image": jax.ShapeDtypeStruct((8, size, size, 1), jnp.float32),
+      "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+    }
+    return _eqns(s.step.trace(s.abstract_state, batch, s.frozen).jaxpr.jaxpr)
+
+  assert eqns(2, True) == eqns(6, True)
+
+
+# ---- Joint streams: a tuple carry, two named stacks in one module -------------------------
+
+
+class _Settings(NamedTuple):
+  depth: int
+  scan: bool = False
+  remat: bool = False
+  remat_policy: str = ""
+
+  def block_fields(self):
+    return {}
+
+
+class _TwoStream(nn.Module):
+  """(x (B, N, D), y (B, L, D)), c (B, D) -> the same: each stream mixes in the other's mean."""
+
+  @nn.compact
+  def __call__(self, tokens, c):
+    x, y = tokens
+    d = x.shape[-1]
+    x = x + jnp.tanh(nn.Dense(d, name="x")(x) + y.mean(1, keepdims=True) + c[:, None])
+    y = y + jnp.tanh(nn.Dense(d, name="y")(y) - x.mean(1, keepdims=True))
+    return x, y
+
+
+class _OneStream(nn.Module):
+  @nn.compact
+  def __call__(self, x, c):
+    return x + jnp.sin(nn.Dense(x.shape[-1], name="fc")(x) * c[:, None])
+
+
+class _Toy(nn.Module):
+  """3 two-stream blocks (double_blocks_{i}), then 2 on the joined sequence (single_blocks_{i})."""
+
+  scan: bool = False
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, y, c):
+    run = dict(scan=self.scan, remat=self.remat, remat_policy="")
+    x, y = repeat.repeat_blocks(_TwoStream, _Settings(3, **run), (x, y), c, prefix="double_blocks")
+    z = jnp.concatenate([x, y], axis=1)
+    return repeat.repeat_blocks(_OneStream, _Settings(2, **run), z, c, prefix="single_blocks")
+
+
+def test_tuple_carry_and_named_stacks():
+  rng = np.random.default_rng(0)
+  x, y, c = (rng.standard_normal(s).astype(np.float32) for s in ((2, 4, 8), (2, 3, 8), (2, 8)))
+  model = _Toy()
+  params = model.init(jax.random.key(0), x, y, c)["params"]
+  names = [f"double_blocks_{i}" for i in range(3)] + ["single_blocks_0", "single_blocks_1"]
+  assert sorted(params) == names
+  assert repeat.find_stacks(model, x, y, c) == (
+    repeat.Stack((), "double_blocks", 3),
+    repeat.Stack((), "single_blocks", 2),
+  )
+  stacks = repeat.find_stacks(model, x, y, c)
+  stacked = repeat.stack_tree(params, stacks)
+  assert sorted(stacked) == ["double_blocks", "single_blocks"]
+  assert stacked["double_blocks"]["x"]["kernel"].shape == (3, 8, 8)
+  jax.tree.map(np.testing.assert_array_equal, repeat.unstack_tree(stacked, stacks), params)
+
+  variants = [
+    (dict(scan=True), False),
+    (dict(remat=True), False),
+    (dict(scan=True, remat=True), False),
+    (dict(scan=True, remat=True), True),
+    (dict(), True),
+  ]
+
+  def run_all(params, stacked):
+    def run(m, p):
+      return jax.value_and_grad(lambda p: jnp.mean(jnp.cos(m.apply({"params": p}, x, y, c))))(p)
+
+    return run(model, params), [
+      run(model.clone(**f), stacked if s else params) for f, s in variants
+    ]
+
+  args = (params, stacked)
+  (loss0, grads0), rows = jax.jit(run_all).lower(*args).compile(FAST_COMPILE)(*args)
+  for (fields, is_stacked), (loss, grads) in zip(variants, rows, strict=True):
+    np.testing.assert_allclose(loss, loss0, atol=ATOL, rtol=0, err_msg=str(fields))
+    if is_stacked:
+      grads = repeat.unstack_tree(grads, stacks)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+      np.testing.assert_allclose(g, g0, atol=ATOL, rtol=1e-5, err_msg=str(fields))
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0["double_blocks_2"])) > 1e-3
+
+
+def test_stack_tree_converts_a_train_state():
+  """Params, EMA and every optimizer moment are converted, the rest kept; a stack of fewer
+  blocks than the model names (MMDiT runs its last block on its own) leaves the others."""
+  rng = np.random.default_rng(0)
+  block = lambda: {"w": rng.standard_normal((2, 3)).astype(np.float32)}
+  params = {"blocks_0": block(), "blocks_1": block(), "blocks_2": {"v": np.ones(2, np.float32)}}
+  params["head"] = {"w": np.ones(3, np.float32)}
+  tx = optax.adamw(1e-3)
+  state = {"step": 0, "params": params, "ema_params": params, "opt_state": tx.init(params)}
+  stacks = (repeat.Stack((), "blocks", 2),)
+  stacked = repeat.stack_tree(state, stacks)
+  for tree in (stacked["params"], stacked["ema_params"], stacked["opt_state"][0].mu):
+    assert sorted(tree) == ["blocks", "blocks_2", "head"]
+    assert tree["blocks"]["w"].shape == (2, 2, 3)
+  assert jax.tree.structure(stacked["opt_state"]) == jax.tree.structure(tx.init(stacked["params"]))
+  back = repeat.unstack_tree(stacked, stacks)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+  with pytest.raises(ValueError, match=r"blocks_0 \.\. blocks_\{n-1\} with n = 4, got blocks"):
+    repeat.stack_blocks(params, depth=4)

@@ -192,6 +192,28 @@ def test_resume_is_bit_exact(trained, tmp_path, capsys):
   assert losses(workdir) == losses(trained.workdir)
 
 
+def test_resume_toggles_scan_through_the_per_block_checkpoint(trained, tmp_path):
+  """model.scan is compute-only: the unrolled run's step-2 checkpoint resumes scanned (whose
+  train state holds the blocks stacked) and ends where the straight run did; the scanned run
+  saves the per-block layout, which an unrolled config restores."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained.workdir, workdir)
+  shutil.rmtree(os.path.join(workdir, "ckpt", "4"))
+  shutil.rmtree(os.path.join(workdir, "ckpt_best"))
+  off = {"eval.every": 0, "sample_every": 0, "sample.num": 0}
+  scanned = tiny_config(**{**RUN, **off, "model.scan": True})
+  assert train.setup(scanned).abstract_state["params"]["blocks"]["attn"]["qkv"]["kernel"].ndim == 3
+  resumed = jax.device_get(train.train_and_evaluate(scanned, workdir))
+  assert jax.tree.structure(resumed) == jax.tree.structure(trained.state)  # blocks_{i}.
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), resumed, trained.state
+  )
+  mngr = checkpoint.manager(workdir, scanned)
+  assert mngr.latest_step() == 4
+  state, _ = checkpoint.restore(mngr, abstract_state(tiny_config(**{**RUN, **off})))
+  tree_equal(state, resumed)
+
+
 def test_resume_rejects_incompatible_config(trained, tmp_path):
   with pytest.raises(train.UserError, match="model.hidden_size: checkpoint has 32, config has 64"):
     train.train_and_evaluate(tiny_config(**{**RUN, "model.hidden_size": 64}), trained.workdir)
@@ -349,6 +371,44 @@ def test_nan_batch_skips_update(plain_update):
   assert int(new["step"]) == 1
   tree_equal(state["params"], new["params"])
   tree_equal(state["opt_state"], new["opt_state"])
+  tree_equal(state["ema_params"], new["ema_params"])
+
+
+def test_non_finite_update_of_finite_gradients_is_skipped():
+  """The guard checks the optimizer's updates too, not only the loss and gradients."""
+  config = tiny_config(**STEP)
+  model = dit_model.build_model(config.model)
+  tx = optax.adam(float("nan"))  # Finite gradients, NaN updates.
+  apply = train.make_apply(model)
+  objective = objectives.make_objective(config, apply, schedules.make_schedule("linear", 1000))
+  update = jax.jit(
+    train.make_update_fn(config, objective.loss, tx, optax.constant_schedule(0.0), None)
+  )
+  state = jax.jit(lambda: train.init_state(config, model, tx))()
+  new, metrics = update(state, digits_batch())
+  assert np.isfinite(float(metrics["grad_norm"])) and int(metrics["skipped_steps"]) == 1
+  for key in ("params", "opt_state", "ema_params"):
+    tree_equal(state[key], new[key])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_update_writes_the_donated_state_in_place(scan):
+  """Temporaries of the compiled train step (params larger than the activations, batch 1):
+  about the gradients alone (measured 1.43 unrolled, 1.70 scanned). The select of new against old
+  state the NaN guard used before kept 4 param-sized copies (docs/performance.md)."""
+  # Without clipping: optax's clip_by_global_norm divides every gradient by the norm, and
+  # XLA materialises that quotient (one more param size).
+  fields = {"model.hidden_size": 128, "model.depth": 2, "model.scan": scan, "optim.grad_clip": 0.0}
+  config = tiny_config(**{**STEP, **fields, "parallelism": "mesh", "batch_size": 1})
+  s = train.setup(config)
+  size = config.model.input_size
+  batch = {
+    "image": jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
+    "label": jax.ShapeDtypeStruct((1,), jnp.int32),
+  }
+  compiled = s.step.lower(s.abstract_state, batch, s.frozen).compile()
+  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state["params"]))
+  assert compiled.memory_analysis().temp_size_in_bytes < 2 * params
 
 
 def test_loss_decreases_on_fixed_batch(plain_update):

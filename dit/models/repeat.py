@@ -1,22 +1,32 @@
 """How a stack of blocks runs: unrolled, scanned (one lax.scan over stacked params), remat.
 
 Every block type's stack calls `repeat_blocks`; so scan and remat work the same for all of
-them, and the saved param layout is per block (blocks_{i}) whichever way the model runs.
+them. Two param layouts, converted losslessly into each other:
+  per block  <path>/<prefix>_{i}: what init builds and checkpoints, converters and sampling
+             read, whichever way the model runs;
+  stacked    <path>/<prefix>: one tree of (depth, ...) arrays, row i = block i: what the
+             scanned model scans over directly. The train state keeps this layout with
+             config.model.scan (dit/train.py), so no apply stacks or slices the block params.
+`repeat_blocks` reads either (the stacked one when it is there). `find_stacks` says where a
+model's stacks are; `stack_tree` / `unstack_tree` convert every params-like dict of a pytree
+(params, EMA, each optimizer moment) between the layouts.
+
+The tokens carried through a stack are one array (B, N, D) or a tuple of them (joint
+text/image streams: (image tokens, text tokens)); a block takes them as its first argument
+and returns the same structure.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:
-  from dit.models.blocks import BlockSettings
-
 
 # config.model.remat_policy -> what the backward pass keeps of each block's forward ("" keeps
 # only the block's inputs). The offload policy moves the kept matmul outputs to host memory.
@@ -37,78 +47,210 @@ REMAT_POLICIES = {
   ),
 }
 
-_BLOCK_NAME = re.compile(r"blocks_(\d+)")
+Tokens = Any  # One array (B, N, D) or a tuple of arrays, carried through the blocks.
 
 
-def stack_blocks(params: dict) -> dict:
-  """Per-block params {"blocks_0": p_0, ..., "blocks_{n-1}": p_{n-1}, ...} -> the scanned layout
-  {"blocks": tree of (n, ...) arrays, row i = p_i, ...}; the other entries are kept as they are.
+class Stack(NamedTuple):
+  """One stack that repeat_blocks runs: per-block params <path>/<prefix>_{i}, i < depth."""
 
-  The saved layout is always the per-block one (converters, old checkpoints, sampling read
-  it); `repeat_blocks` stacks inside the model's apply, so this is only needed by code that
-  wants the scanned layout itself. Lossless: unstack_blocks(stack_blocks(p)) == p.
+  path: tuple[str, ...]  # Of the module that calls repeat_blocks; () = the model itself.
+  prefix: str
+  depth: int
+
+
+_FOUND: contextvars.ContextVar[list[Stack] | None] = contextvars.ContextVar(
+  "dit_repeat_stacks", default=None
+)
+
+
+# ---- Layouts ------------------------------------------------------------------------------
+
+
+def _block_index(params: dict, prefix: str) -> list[int]:
+  name = re.compile(re.escape(prefix) + r"_(\d+)")
+  return sorted(int(m.group(1)) for k in params if (m := name.fullmatch(k)))
+
+
+def stack_blocks(
+  params: dict, prefix: str = "blocks", depth: int | None = None, *, stack: Callable = jnp.stack
+) -> dict:
+  """Per-block params {"<prefix>_0": p_0, ..., "<prefix>_{n-1}": p_{n-1}, ...} -> the stacked
+  layout {"<prefix>": tree of (n, ...) arrays, row i = p_i, ...}; other entries are kept.
+
+  depth: stack <prefix>_0 .. <prefix>_{depth-1} only (a model may run more blocks of that
+  name on their own, e.g. MMDiT's last block); None: all, which must be numbered 0 .. n-1.
+  stack: [n leaves] -> one leaf (jnp.stack; e.g. shardings gain a leading axis instead).
+  Lossless: unstack_blocks(stack_blocks(p, prefix), prefix) == p.
   """
-  index = sorted(int(m.group(1)) for k in params if (m := _BLOCK_NAME.fullmatch(k)))
-  if index != list(range(len(index))) or not index:
-    raise ValueError(f"expected params blocks_0 .. blocks_{{n-1}}, got blocks {index}")
-  if "blocks" in params:
-    raise ValueError("params already have a 'blocks' entry (the stacked layout)")
-  per_block = [params[f"blocks_{i}"] for i in index]
-  rest = {k: v for k, v in params.items() if not _BLOCK_NAME.fullmatch(k)}
-  return {**rest, "blocks": jax.tree.map(lambda *p: jnp.stack(p), *per_block)}
+  index = _block_index(params, prefix)
+  wanted = list(range(len(index) if depth is None else depth))
+  if not wanted or index[: len(wanted)] != wanted:
+    raise ValueError(
+      f"expected params {prefix}_0 .. {prefix}_{{n-1}}"
+      + ("" if depth is None else f" with n = {depth}")
+      + f", got {prefix} {index}"
+    )
+  if prefix in params:
+    raise ValueError(f"params already have a {prefix!r} entry (the stacked layout)")
+  names = [f"{prefix}_{i}" for i in wanted]
+  rest = {k: v for k, v in params.items() if k not in names}
+  return {**rest, prefix: jax.tree.map(lambda *p: stack(p), *[params[k] for k in names])}
 
 
-def unstack_blocks(params: dict) -> dict:
-  """The inverse of stack_blocks: {"blocks": (n, ...) arrays, ...} -> blocks_0 .. blocks_{n-1}."""
-  stacked = params["blocks"]
+def unstack_blocks(params: dict, prefix: str = "blocks") -> dict:
+  """The inverse of stack_blocks: {"<prefix>": (n, ...) arrays, ...} -> <prefix>_0 .. _{n-1}."""
+  if prefix not in params:
+    raise ValueError(f"expected a stacked {prefix!r} entry, got keys {sorted(params)}")
+  stacked = params[prefix]
   (n,) = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
-  rest = {k: v for k, v in params.items() if k != "blocks"}
-  return {**rest, **{f"blocks_{i}": jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(n)}}
+  rest = {k: v for k, v in params.items() if k != prefix}
+  blocks = {f"{prefix}_{i}": jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(n)}
+  return {**rest, **blocks}
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Stack]]:
+  """Collects the Stack of every repeat_blocks call traced inside (init included)."""
+  found: list[Stack] = []
+  token = _FOUND.set(found)
+  try:
+    yield found
+  finally:
+    _FOUND.reset(token)
+
+
+def find_stacks(model: nn.Module, *inputs: Any) -> tuple[Stack, ...]:
+  """The stacks `model` runs with repeat_blocks, from an abstract init on `inputs` (nothing is
+  allocated), in the order they run."""
+  with recording() as found:
+    # A new function each call, so that no trace cache skips the Python that records.
+    jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+  return tuple(dict.fromkeys(found))
+
+
+def _at(tree: dict, path: tuple[str, ...]) -> Any:
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _replaced(tree: dict, path: tuple[str, ...], fn: Callable[[dict], dict]) -> dict:
+  if not path:
+    return fn(tree)
+  return {**tree, path[0]: _replaced(tree[path[0]], path[1:], fn)}
+
+
+def _convert(tree: Any, stacks: Sequence[Stack], key: Callable[[Stack], str], fn) -> Any:
+  """fn(params-like dict, stack) for each stack, applied to every dict of `tree` that holds
+  key(stack) under stack.path for all stacks (params, EMA and optimizer moments alike)."""
+  if not stacks:
+    return tree
+
+  def is_params(x) -> bool:
+    return isinstance(x, dict) and all(
+      isinstance(d := _at(x, s.path), dict) and key(s) in d for s in stacks
+    )
+
+  def convert(x):
+    if not is_params(x):
+      return x
+    for s in stacks:
+      x = _replaced(x, s.path, lambda d, s=s: fn(d, s))
+    return x
+
+  return jax.tree.map(convert, tree, is_leaf=is_params)
+
+
+def stack_tree(tree: Any, stacks: Sequence[Stack], *, stack: Callable = jnp.stack) -> Any:
+  """Every params-like dict of `tree` (a train state: params, EMA, optimizer state) from the
+  per-block layout to the stacked one, for each of `stacks` (find_stacks)."""
+  return _convert(
+    tree,
+    stacks,
+    lambda s: f"{s.prefix}_0",
+    lambda d, s: stack_blocks(d, s.prefix, s.depth, stack=stack),
+  )
+
+
+def unstack_tree(tree: Any, stacks: Sequence[Stack]) -> Any:
+  """The inverse of stack_tree: the stacked layout -> per block, for each of `stacks`."""
+  return _convert(tree, stacks, lambda s: s.prefix, lambda d, s: unstack_blocks(d, s.prefix))
+
+
+# ---- Running the blocks -------------------------------------------------------------------
 
 
 def repeat_blocks(
   block_cls: type[nn.Module],
-  settings: BlockSettings,
-  tokens: jax.Array,
+  settings: Any,  # dit.models.blocks.BlockSettings (depth, scan, remat, remat_policy, ...).
+  tokens: Tokens,
   *args: Any,
+  prefix: str = "blocks",
   **fields: Any,
-) -> jax.Array:
-  """Runs blocks_0 .. blocks_{depth-1}, each block_cls(**fields) called (tokens, *args).
+) -> Tokens:
+  """Runs <prefix>_0 .. <prefix>_{depth-1}, each block_cls(**fields) called (tokens, *args).
 
+  tokens: (B, N, D), or a tuple of arrays that each block takes and returns (joint streams).
+  prefix: the children's names (two stacks in one module need two prefixes).
   At init, and with neither settings.scan nor settings.remat, the blocks are child modules
-  blocks_{i} of the caller, called in turn: so the params, their names and their initial
-  values are the same whichever way the model runs. Otherwise each block's params are read
-  back from blocks_{i} and one pure block function runs them: in a lax.scan over the
-  stacked params (scan; one block traced and compiled instead of depth), checkpointed
-  with the named REMAT_POLICIES policy (remat). The checkpoint layout stays per block.
+  <prefix>_{i} of the caller, called in turn: so the params, their names and their initial
+  values are the same whichever way the model runs. Otherwise one pure block function runs
+  each block's params: in a lax.scan over the stacked params (scan; one block traced and
+  compiled instead of depth), checkpointed with the named REMAT_POLICIES policy (remat).
+  Outside init the params may also come stacked, as the caller's <prefix> entry (see the
+  module docstring); a scanned model then scans them as they are.
   """
   kwargs = {**settings.block_fields(), **fields}
-  blocks = [block_cls(**kwargs, name=f"blocks_{i}") for i in range(settings.depth)]
-  if not blocks or blocks[0].is_initializing() or not (settings.scan or settings.remat):
+  blocks = [block_cls(**kwargs, name=f"{prefix}_{i}") for i in range(settings.depth)]
+  if not blocks:
+    return tokens
+  initializing = blocks[0].is_initializing()
+  if initializing and (found := _FOUND.get()) is not None:
+    found.append(Stack(tuple(blocks[0].parent.path), prefix, settings.depth))
+  stacked = None
+  if not initializing:  # Unbound until read: an absent entry reads as no variables.
+    stacked = block_cls(**kwargs, name=prefix).variables.get("params")
+  if stacked is None and (initializing or not (settings.scan or settings.remat)):
     for block in blocks:
       tokens = block(tokens, *args)
     return tokens
   apply = block_cls(**kwargs, parent=None).apply  # Unbound: a pure function of its params.
   fn = lambda params, x, *args: apply({"params": params}, x, *args)
-  params = [block.variables["params"] for block in blocks]
   policy = REMAT_POLICIES[settings.remat_policy]()
+  if stacked is not None:
+    depths = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+    if depths != {settings.depth}:
+      raise ValueError(
+        f"stacked params {prefix!r} have {sorted(depths)} rows, expected depth={settings.depth}"
+      )
+    params = stacked
+  else:
+    params = [block.variables["params"] for block in blocks]
   if settings.scan:
     return scan_blocks(fn, params, tokens, args, remat=settings.remat, policy=policy)
+  if stacked is not None:
+    params = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(settings.depth)]
+  step = remat_in_order(fn, policy) if settings.remat else fn
   for p in params:
-    tokens = remat_in_order(fn, policy)(p, tokens, *args)
+    tokens = step(p, tokens, *args)
   return tokens
 
 
 def scan_blocks(
-  fn: Callable, params: Sequence[dict], x: jax.Array, args: tuple, *, remat: bool, policy
-) -> jax.Array:
+  fn: Callable, params: dict | Sequence[dict], x: Tokens, args: tuple, *, remat: bool, policy
+) -> Tokens:
   """x -> fn(params[-1], ... fn(params[0], x, *args) ..., *args) as one lax.scan.
 
+  params: the stacked block params (a tree of (depth, ...) arrays), or a sequence of per-block
+  trees (stacked here, inside the traced program). x: an array or a tuple of arrays.
   With remat the backward pass is a loop too: each step recomputes one block's forward and
   runs its backward, so one block's activations are live at a time (plus each block's input
   and what the policy keeps).
   """
-  stacked = stack_blocks({f"blocks_{i}": p for i, p in enumerate(params)})["blocks"]
+  if isinstance(params, (list, tuple)):
+    params = stack_blocks({f"blocks_{i}": p for i, p in enumerate(params)})["blocks"]
 
   def body(x, p):
     return fn(p, x, *args), None
@@ -117,7 +259,7 @@ def scan_blocks(
     # No CSE barrier needed: inside a loop body the recomputation cannot be merged with the
     # forward (jax.checkpoint's documented advice for scan).
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-  return jax.lax.scan(body, x, stacked)[0]
+  return jax.lax.scan(body, x, params)[0]
 
 
 def remat_in_order(fn: Callable, policy) -> Callable:
@@ -130,7 +272,8 @@ def remat_in_order(fn: Callable, policy) -> Callable:
   the kept residuals, a data dependency that XLA keeps (an optimization barrier would not
   survive: the CPU compiler removes them before scheduling). A finite cotangent changes
   nothing; a non-finite one makes the gradient non-finite anyway.
-  fn(params, x, *args) -> (B, N, D); the result takes and returns the same.
+  fn(params, x, *args) -> x's structure (an array (B, N, D) or a tuple of arrays); the
+  result takes and returns the same.
   """
   checkpointed = jax.checkpoint(fn, policy=policy)
 
@@ -142,7 +285,7 @@ def remat_in_order(fn: Callable, policy) -> Callable:
     return jax.vjp(checkpointed, *inputs)  # (out, vjp): vjp is a pytree of the residuals.
 
   def backward(vjp, g):
-    zero = 0 * jax.lax.stop_gradient(g.reshape(-1)[0])
+    zero = 0 * jax.lax.stop_gradient(jax.tree.leaves(g)[0].reshape(-1)[0])
     leaves, tree = jax.tree.flatten(vjp)
     tie = lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.inexact) else r
     return jax.tree.unflatten(tree, [tie(r) for r in leaves])(g)
