@@ -9,6 +9,9 @@ experiments and notebooks):
   save_grid(decode(config, x), "grid.png", nrow=per_row)
   # img2img / inpainting: start from images (model space), keep the mask == 1 region.
   x = generate(config, model, params, cond, key, 16, x_init=x, strength=0.6, mask=None)
+  # Another size or aspect ratio than the trained one (pixels; multiples of the patch size
+  # times the VAE factor): position embeddings (sin-cos, RoPE) extend to any grid.
+  x = generate(config, model, params, cond, key, 16, height=192, width=320)
 
 Conditioning: class labels, text through T5 (config.text.t5_path; "" = the offline demo
 encoder), and the null condition for classifier-free guidance (cond["drop"]). Latent models
@@ -22,6 +25,7 @@ sampler the model can use), with errors in the caller's terms.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -216,6 +220,8 @@ def generate(
   mask=None,
   guidance_rescale: float = 0.0,
   guidance_interval: tuple[float, float] | None = None,
+  height: int | None = None,
+  width: int | None = None,
   **overrides,
 ) -> jax.Array:
   """Samples `num` images (num, H, W, C) in [-1, 1]; `cond` holds (num, ...) arrays.
@@ -229,6 +235,9 @@ def generate(
   mask: inpainting, (num or 1, H, W, 1 or C), 1 = keep x_init, 0 = generate; needs x_init.
   guidance_rescale: phi in [0, 1] (Lin et al. 2024); guidance_interval: (lo, hi) k-sigmas
     (EDM units) outside which guidance is off (Kynkaanniemi et al. 2024).
+  height, width: the image size in pixels (default: the trained size, input_size times the VAE
+    factor), multiples of patch_size x the VAE factor (`sample_shape`); models with size
+    conditioning get this size as theirs, flow models with dynamic_shift its shift.
   Both model families (diffusion and flow matching) take every option. Bad inputs are a
   UserError naming them, before anything is compiled.
   """
@@ -237,13 +246,16 @@ def generate(
   if cfg_scale is None:
     cfg_scale = check_scale("config.sample.cfg_scale", config.sample.cfg_scale)
   m = config.model
-  flow = flow_lib.from_config(config) if flow_lib.is_flow(config) else None
+  shape = sample_shape(config, num, height, width)
+  flow = sample_flow(config, shape)
   if flow is None and schedule is None:
     schedule = schedules.from_config(config.diffusion)
+  if cond is not None and (height, width) != (None, None):
+    cond = {**cond, **size_cond(config, num, size=shape[1:3])}  # The size sampled.
   x_init, mask, guide = check_inputs(
     config, cond, num, settings, model=model, schedule=schedule, x_init=x_init,
     strength=strength, mask=mask, guidance_rescale=guidance_rescale,
-    guidance_interval=guidance_interval,
+    guidance_interval=guidance_interval, height=height, width=width,
   )  # fmt: skip
   images = _generate(
     params,
@@ -254,7 +266,7 @@ def generate(
     x_init,
     mask,
     model=model,
-    shape=(num, m.input_size, m.input_size, m.in_channels),
+    shape=shape,
     settings=settings,
     prediction=None if flow else config.diffusion.prediction,
     learn_sigma=m.learn_sigma,
@@ -278,21 +290,67 @@ def check_inputs(
   mask=None,
   guidance_rescale: float = 0.0,
   guidance_interval=None,
+  height: int | None = None,
+  width: int | None = None,
 ) -> tuple:
   """(x_init, mask, guidance options) of a `generate` call, checked: call it before reading a
   checkpoint to refuse bad inputs at once (dit.sample does; generate calls it too)."""
   m = config.model
   if model is None:
     model = dit_model.build_model(m)
-  flow = flow_lib.from_config(config) if flow_lib.is_flow(config) else None
+  shape = sample_shape(config, num, height, width)
+  flow = sample_flow(config, shape)
   if flow is None and schedule is None:
     schedule = schedules.from_config(config.diffusion)
   check_cond(config, cond, num)
-  shape = (num, m.input_size, m.input_size, m.in_channels)
   x_init, mask = check_edit(shape, x_init, strength, mask, settings.steps)
   rescale, interval = guidance_rescale, guidance_interval
   guide = check_guidance(model.guidance_embedding, cond, rescale, interval, schedule, flow)
   return x_init, mask, guide
+
+
+def sample_shape(
+  config: ml_collections.ConfigDict, num: int, height: int | None = None, width: int | None = None
+) -> tuple[int, int, int, int]:
+  """(num, h, w, C) in model space (latents or pixels) of images `height` x `width` pixels
+  (each default: the trained size). A size that is not a positive multiple of patch_size
+  times the VAE factor is a UserError naming it and the nearest valid sizes."""
+  m = config.model
+  factor = vae_factor(config)
+  unit = m.get("patch_size", 1) * factor
+  sides = []
+  for name, value in (("height", height), ("width", width)):
+    if value is None:
+      sides.append(m.input_size)
+      continue
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+      raise UserError(f"The image {name} must be a positive number of pixels, got {value!r}.")
+    if value % unit:
+      lower, upper = max(unit, value // unit * unit), (value // unit + 1) * unit
+      why = f"patch_size {m.get('patch_size', 1)}" + (
+        f" x VAE factor {factor}" if factor > 1 else ""
+      )
+      raise UserError(
+        f"The image {name} {value} is not a multiple of {unit} pixels ({why}): this model "
+        f"makes images in steps of {unit} pixels, e.g. {lower} or {upper}."
+      )
+    sides.append(int(value) // factor)
+  return (num, sides[0], sides[1], m.in_channels)
+
+
+def sample_flow(config: ml_collections.ConfigDict, shape: tuple[int, ...]):
+  """The Flow of a flow-matching config (None for diffusion) for samples of `shape`: with
+  config.flow.dynamic_shift, Flux's shift for that many tokens (not the trained size's)."""
+  if not flow_lib.is_flow(config):
+    return None
+  flow = flow_lib.from_config(config)
+  m = config.model
+  if flow_lib.fields(config.flow)["dynamic_shift"] and shape[1:3] != (m.input_size,) * 2:
+    p = m.get("patch_size", 1)
+    flow = dataclasses.replace(
+      flow, shift=flow_lib.dynamic_shift((shape[1] // p) * (shape[2] // p))
+    )
+  return flow
 
 
 def check_cond(config: ml_collections.ConfigDict, cond: dict | None, num) -> None:
@@ -488,18 +546,26 @@ def text_cond(config: ml_collections.ConfigDict, prompts: Sequence[str]) -> dict
   return {**cond, **size_cond(config, len(prompts))}
 
 
-def size_cond(config: ml_collections.ConfigDict, num: int) -> dict:
+def size_cond(config: ml_collections.ConfigDict, num: int, size=None) -> dict:
   """PixArt-alpha's micro-conditioning for `num` images of the trained size, {} if unused.
 
-  {"resolution": (num, 2) (height, width in pixels), "aspect_ratio": (num, 1)}: square images
-  of config.model.input_size, times 8 for latents.
+  {"resolution": (num, 2) (height, width in pixels), "aspect_ratio": (num, 1) height / width}:
+  square images of config.model.input_size, or of size = (h, w) in model space (an
+  aspect-ratio bucket, a sampled size), times 8 for latents.
   """
   if not config.model.get("size_conditioning", False):
     return {}
-  pixels = config.model.input_size * (8 if vae_path(config) else 1)
+  scale = 8 if vae_path(config) else 1
+  if size is None:
+    pixels = config.model.input_size * scale
+    return {
+      "resolution": jnp.full((num, 2), pixels, jnp.float32),
+      "aspect_ratio": jnp.ones((num, 1), jnp.float32),
+    }
+  h, w = (int(v) * scale for v in size)
   return {
-    "resolution": jnp.full((num, 2), pixels, jnp.float32),
-    "aspect_ratio": jnp.ones((num, 1), jnp.float32),
+    "resolution": jnp.tile(jnp.asarray([[h, w]], jnp.float32), (num, 1)),
+    "aspect_ratio": jnp.full((num, 1), h / w, jnp.float32),
   }
 
 
@@ -540,6 +606,18 @@ def encode(config: ml_collections.ConfigDict, images) -> jax.Array:
   return _load_vae(resolve_vae_dir(vae_path(config))).encode(jnp.asarray(images, jnp.float32))
 
 
+def vae_factor(config: ml_collections.ConfigDict) -> int:
+  """Pixels per latent along each side: 1 in pixel space, else read from the VAE's
+  config.json (8, that of Stable Diffusion's VAE, if it cannot be read)."""
+  if not vae_path(config):
+    return 1
+  try:
+    with open(os.path.join(resolve_vae_dir(vae_path(config)), "config.json")) as f:
+      return 2 ** (len(json.load(f).get("block_out_channels", (0,) * 4)) - 1)
+  except (OSError, ValueError, TypeError):
+    return 8
+
+
 def pixel_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(side in pixels, channels) of the model's images: its input, or the VAE's decoded size."""
   m = config.model
@@ -563,10 +641,17 @@ def _load_vae(path: str):
 # ---- Files in and out: editing images, masks, the output --------------------------------
 
 
-def read_images(path: str, size: int, channels: int, what: str = "--init_image") -> np.ndarray:
-  """(N, size, size, channels) float32 in [-1, 1] from an image file (N = 1) or an .npz with
-  "images" (N, H, W, C) uint8 (what dit.sample writes). A missing, unreadable or wrong-size
-  file is a one-line UserError naming it and the size expected (images are not resized)."""
+def _hw(size) -> tuple[int, int]:
+  """(height, width) of a side or a (height, width) pair."""
+  return (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
+
+
+def read_images(path: str, size, channels: int, what: str = "--init_image") -> np.ndarray:
+  """(N, H, W, channels) float32 in [-1, 1] from an image file (N = 1) or an .npz with
+  "images" (N, H, W, C) uint8 (what dit.sample writes); size: H = W, or (H, W). A missing,
+  unreadable or wrong-size file is a one-line UserError naming it and the size expected
+  (images are not resized)."""
+  h, w = _hw(size)
   if not os.path.isfile(path):
     raise UserError(f"{what} {path!r} does not exist.")
   if path.endswith(".npz"):
@@ -575,21 +660,21 @@ def read_images(path: str, size: int, channels: int, what: str = "--init_image")
         x = np.asarray(data["images"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       raise UserError(f"{what} {path!r} is not an .npz holding 'images' ({e}).") from e
-    if x.ndim != 4 or x.shape[1:] != (size, size, channels):
+    if x.ndim != 4 or x.shape[1:] != (h, w, channels):
       raise UserError(
         f"{what} {path!r} holds images of shape {x.shape[1:]}; this model takes "
-        f"{size}x{size}x{channels} (H x W x C)."
+        f"{h}x{w}x{channels} (H x W x C)."
       )
     return x.astype(np.float32) / 127.5 - 1.0
   if channels not in (1, 3):
     raise UserError(f"This model's images have {channels} channels: give {what} as an .npz.")
   x = _read_image(path, what, "L" if channels == 1 else "RGB")
-  if x.shape[:2] != (size, size):
+  if x.shape[:2] != (h, w):
     raise UserError(
-      f"{what} {path!r} is {x.shape[1]}x{x.shape[0]} pixels; this model takes {size}x{size} "
+      f"{what} {path!r} is {x.shape[1]}x{x.shape[0]} pixels; this model takes {w}x{h} "
       "images: resize it first."
     )
-  return x.reshape(1, size, size, channels).astype(np.float32) / 127.5 - 1.0
+  return x.reshape(1, h, w, channels).astype(np.float32) / 127.5 - 1.0
 
 
 def _read_image(path: str, what: str, mode: str) -> np.ndarray:
@@ -600,19 +685,21 @@ def _read_image(path: str, what: str, mode: str) -> np.ndarray:
     raise UserError(f"{what} {path!r} is not a readable image ({e}).") from e
 
 
-def read_mask(path: str, size: int, factor: int = 1) -> np.ndarray:
-  """An inpainting mask (1, size, size, 1) of 0/1 from a greyscale image of size * factor
-  pixels: white (>= 128) = keep the initial image, black = generate. With factor > 1 (a
-  latent model: `factor` pixels per latent), a latent is kept only if all its pixels are."""
-  pixels = size * factor
+def read_mask(path: str, size, factor: int = 1) -> np.ndarray:
+  """An inpainting mask (1, H, W, 1) of 0/1 (size: H = W, or (H, W), in model space) from a
+  greyscale image of (H, W) * factor pixels: white (>= 128) = keep the initial image, black
+  = generate. With factor > 1 (a latent model: `factor` pixels per latent), a latent is kept
+  only if all its pixels are."""
+  h, w = _hw(size)
   x = _read_image(path, "--mask", "L")
-  if x.shape != (pixels, pixels):
+  if x.shape != (h * factor, w * factor):
     raise UserError(
-      f"--mask {path!r} is {x.shape[1]}x{x.shape[0]} pixels; it must be {pixels}x{pixels}, the "
-      "size of the model's images (white = keep, black = generate)."
+      f"--mask {path!r} is {x.shape[1]}x{x.shape[0]} pixels; it must be "
+      f"{w * factor}x{h * factor}, the size of the model's images (white = keep, black = "
+      "generate)."
     )
-  keep = (x >= 128).reshape(size, factor, size, factor).min(axis=(1, 3))
-  return keep.reshape(1, size, size, 1).astype(np.float32)
+  keep = (x >= 128).reshape(h, factor, w, factor).min(axis=(1, 3))
+  return keep.reshape(1, h, w, 1).astype(np.float32)
 
 
 def prepare_output(path: str) -> str:

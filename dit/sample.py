@@ -7,11 +7,14 @@
   dit-sample --workdir=runs/digits --init_image=seven.png --mask=keep.png     # inpainting
   dit-sample --workdir=runs/digits --config.sample.eta=1.0   # a config.json key changed
   dit-sample --workdir=runs/t2i --prompt="a handwritten seven" --prompt="the number 3" --num=16
+  dit-sample --workdir=runs/digits --height=8 --width=16     # another size or aspect ratio
 
 The config is WORKDIR/config.json (what dit.train or the converter wrote), or --config, whose
 model must match it. Text-to-image runs the whole pipeline: prompt -> T5 (config.text.t5_path;
 "" = the offline demo encoder) -> DiT sampler with classifier-free guidance -> VAE decode
-(config.vae.path; "" = pixel space) -> image. Editing images have the model's image size
+(config.vae.path; "" = pixel space) -> image. --height / --width (pixels, multiples of
+patch_size x the VAE factor) sample another size or aspect ratio than the trained one, with no
+config change (position embeddings extend to any grid). Editing images have the sampled size
 (not resized); a mask is greyscale, white = keep the initial image, black = generate. Every
 input is checked before the checkpoint is read. The library behind it is dit/generate.py.
 """
@@ -63,6 +66,10 @@ _FLAGS = (
    "--init_image, in (0, 1], at least one step; default 0.6, or 1.0 with --mask."),
   ("string", "mask", None, "Inpainting: a greyscale image of the model's size; white = keep "
    "--init_image, black = generate."),
+  ("integer", "height", None, "Image height in pixels, a multiple of patch_size x the VAE "
+   "factor; default: the trained size."),
+  ("integer", "width", None, "Image width in pixels, a multiple of patch_size x the VAE "
+   "factor; default: the trained size."),
   ("string", "t5", None, "Overrides config.text.t5_path (a local T5 directory)."),
   ("string", "vae", None, "Overrides config.vae.path (a diffusers VAE directory)."),
 )  # fmt: skip
@@ -127,12 +134,13 @@ def _edit_options(config: ml_collections.ConfigDict) -> dict:
     if FLAGS.mask is not None or FLAGS.strength is not None:
       raise UserError("--strength and --mask need --init_image (the image to edit).")
     return {}
-  size, channels = generate.pixel_size(config)
-  images = generate.read_images(FLAGS.init_image, size, channels)
+  side, channels = generate.pixel_size(config)
+  factor = side // config.model.input_size
+  _, h, w, _ = generate.sample_shape(config, 1, FLAGS.height, FLAGS.width)
+  images = generate.read_images(FLAGS.init_image, (h * factor, w * factor), channels)
   options = {"x_init": generate.encode(config, images)}
   if FLAGS.mask is not None:
-    factor = size // config.model.input_size
-    options["mask"] = generate.read_mask(FLAGS.mask, config.model.input_size, factor)
+    options["mask"] = generate.read_mask(FLAGS.mask, (h, w), factor)
   default = 1.0 if FLAGS.mask is not None else 0.6
   options["strength"] = default if FLAGS.strength is None else FLAGS.strength
   return options
@@ -148,6 +156,8 @@ def sample_options(config: ml_collections.ConfigDict) -> dict:
     cfg_scale=FLAGS.cfg_scale,
     guidance_rescale=FLAGS.guidance_rescale or 0.0,
     guidance_interval=_interval(FLAGS.guidance_interval),
+    height=FLAGS.height,
+    width=FLAGS.width,
   )
   generate.check_model_dirs(config)
   return {**options, **_edit_options(config)}

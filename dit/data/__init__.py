@@ -26,6 +26,10 @@ reads these `config.data` fields (all optional, defaults in brackets):
   on_bad_image    "skip" (use the next readable record, counted) | "raise" ["skip"]
   num_threads     Grain read threads [0 for digits / precomputed, else 8]
   prefetch        Grain prefetch buffer, in batches [max(4, num_threads)]
+  buckets         folder / captions only: aspect-ratio buckets (dit/data/buckets.py), every
+                  global batch from one bucket of about resolution**2 pixels [False]
+  bucket_divisor  bucket sides are multiples of this [0: resolution / 16 rounded to the patch]
+  bucket_max_ratio  the most elongated bucket, long side / short side [4.0]
 
 Batches are dicts of NumPy arrays for this process only: "image" (B, R, R, C) float32
 in [-1, 1] or "latent" (B, h, w, c) float32, "label" (B,) int32, and where the source

@@ -2,14 +2,18 @@
 
 Sources are random access (`len`, `[i]`) and return undecoded records
 {"image": path, "label": int32[, "caption": str]}; the pipeline decodes and
-preprocesses them (so bad files are handled in one place).
+preprocesses them (so bad files are handled in one place). `image_sizes()` gives every
+image's (height, width) for aspect-ratio buckets, from the files' headers (or a manifest's
+"height" / "width").
 """
 
+import concurrent.futures
 import json
 import logging
 import os
 
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 MANIFEST_NAME = "metadata.jsonl"  # The Hugging Face `imagefolder` convention.
@@ -26,6 +30,33 @@ def _walk_images(root: str) -> list[str]:
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     out.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
   return sorted(out)
+
+
+def read_image_sizes(paths, num_threads: int = 8, known=None) -> np.ndarray:
+  """(N, 2) int64 (height, width) in pixels of image files, from their headers (no decode).
+
+  known: optional (N,) of (height, width) or None per path; given sizes are not read. A file
+  whose header cannot be read gets (0, 0) (logged once with a count): the pipeline's bad-image
+  handling deals with it when it is loaded.
+  """
+
+  def size(i):
+    if known is not None and known[i] is not None:
+      return known[i]
+    try:
+      with Image.open(paths[i]) as image:
+        return image.size[1], image.size[0]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+      return 0, 0
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    sizes = np.asarray(list(pool.map(size, range(len(paths)))), np.int64).reshape(-1, 2)
+  bad = np.flatnonzero(sizes.min(axis=1) <= 0)
+  if bad.size:
+    logging.warning(
+      "%d images have unreadable headers (size unknown), e.g. %s", bad.size, paths[bad[0]]
+    )
+  return sizes
 
 
 def _check_dir(root: str) -> None:
@@ -68,6 +99,10 @@ class ImageFolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
+  def image_sizes(self, num_threads: int = 8) -> np.ndarray:
+    """(N, 2) (height, width) of every image, from the file headers; (0, 0) if unreadable."""
+    return read_image_sizes(self.paths, num_threads)
+
   def __getitem__(self, index: int) -> dict:
     return {"image": self.paths[index], "label": self.labels[index]}
 
@@ -79,8 +114,9 @@ class CaptionFolderSource:
   """Image + caption pairs for text-to-image.
 
   Captions come from a JSONL manifest (`path` is a .jsonl file, or `path/metadata.jsonl`
-  exists; one {"file_name" | "image": relative path, "text" | "caption": str[, "label"]}
-  per line) or else from `<stem>.txt` beside each image.
+  exists; one {"file_name" | "image": relative path, "text" | "caption": str[, "label"]
+  [, "height", "width"]} per line; the sizes spare reading headers for aspect-ratio buckets)
+  or else from `<stem>.txt` beside each image.
 
   Args:
     path: folder or manifest file.
@@ -96,6 +132,7 @@ class CaptionFolderSource:
     manifest = path if path.endswith(".jsonl") else os.path.join(path, MANIFEST_NAME)
     if path.endswith(".jsonl") and not os.path.isfile(path):
       raise FileNotFoundError(f"caption manifest {path!r} does not exist")
+    self._sizes = None  # Per image (height, width) or None, from the manifest.
     if os.path.isfile(manifest):
       self.root = os.path.dirname(manifest)
       self.paths, self._captions, labels = self._read_manifest(manifest)
@@ -119,7 +156,7 @@ class CaptionFolderSource:
 
   def _read_manifest(self, manifest: str):
     root = os.path.dirname(manifest)
-    paths, captions, labels = [], [], []
+    paths, captions, labels, sizes = [], [], [], []
     with open(manifest, encoding="utf-8") as f:
       for lineno, line in enumerate(f, 1):
         if not line.strip():
@@ -141,6 +178,8 @@ class CaptionFolderSource:
         paths.append(image)
         captions.append(str(caption))
         labels.append(int(row.get("label", 0)))
+        sizes.append(_manifest_size(row, manifest, lineno))
+    self._sizes = sizes
     return paths, captions, labels
 
   def _scan_txt(self, root: str):
@@ -167,8 +206,28 @@ class CaptionFolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
+  def image_sizes(self, num_threads: int = 8) -> np.ndarray:
+    """(N, 2) (height, width) of every image: the manifest's, else from the file headers."""
+    return read_image_sizes(self.paths, num_threads, known=self._sizes)
+
   def __getitem__(self, index: int) -> dict:
     return {"image": self.paths[index], "label": self.labels[index], "caption": self.caption(index)}
 
   def __repr__(self) -> str:
     return f"CaptionFolderSource({self.root!r}, n={len(self)})"
+
+
+def _manifest_size(row: dict, manifest: str, lineno: int) -> tuple[int, int] | None:
+  """(height, width) of a manifest row that gives both, else None."""
+  if "height" not in row or "width" not in row:
+    return None
+  try:
+    height, width = int(row["height"]), int(row["width"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+      f"{manifest}:{lineno}: 'height' and 'width' must be integers (pixels), got "
+      f"{row['height']!r} and {row['width']!r}"
+    ) from e
+  if height < 1 or width < 1:
+    raise ValueError(f"{manifest}:{lineno}: 'height' and 'width' must be positive")
+  return height, width

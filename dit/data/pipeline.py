@@ -14,6 +14,17 @@ So processes read disjoint records, the global batch (rows and flips) does not d
 on the process count, and the state (the next batch index) restores the exact next
 batch. Sources with `read_batch(indices, flips)` (in-memory digits, memory-mapped
 latents) are gathered with one vectorised read per batch.
+
+With aspect-ratio buckets (config.data.buckets, image and caption folders; dit/data/buckets.py)
+the record stream is replaced by a stream of global batches, each from one bucket:
+
+  range(M * P).repeat()                sub-batch j of global batch k = j // P
+    .map_with_index(load_bucket)       batch k's bucket and G rows from (seed, k): BucketBatches;
+                                       rows [p*G/P, (p+1)*G/P) resized to cover the bucket, cropped
+    [p::P] .to_iter_dataset(...)       as above
+
+so every global batch has one shape, (G, h, w, C) for one of the buckets, and the state (the
+next batch index) again restores the exact next batch, its bucket included.
 """
 
 import logging
@@ -24,6 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from dit.data import buckets as buckets_lib
 from dit.data import digits, preprocess
 from dit.data.folders import CaptionFolderSource, ImageFolderSource
 from dit.data.precomputed import PrecomputedSource
@@ -144,7 +156,8 @@ class Loader:
     self.bad_indices = set()  # Unreadable records seen (prefetching may read ahead).
     self._lock = threading.Lock()
 
-  def example(self, record: dict, flip: bool) -> dict:
+  def example(self, record: dict, flip: bool, size: tuple[int, int] | None = None) -> dict:
+    """One record, decoded and preprocessed to `size` (height, width) or the square resolution."""
     out = dict(record)
     if "latent" in record:
       out["latent"] = record["latent"][int(flip)]
@@ -158,16 +171,19 @@ class Loader:
       return out
     if not isinstance(image, np.ndarray):
       image = preprocess.open_image(image)
-    out["image"] = preprocess.preprocess(image, self.resolution, self.channels, flip)
+    target = self.resolution if size is None else size
+    out["image"] = preprocess.preprocess(image, target, self.channels, flip)
     return out
 
-  def __call__(self, index: int, flip: bool = False) -> dict:
-    """One example: record `index` (or the next readable one), flipped if `flip`."""
+  def __call__(self, index: int, flip: bool = False, size: tuple[int, int] | None = None) -> dict:
+    """One example: record `index` (or the next readable one), flipped if `flip`, of `size`
+    (height, width; default: the square resolution): a replacement for an unreadable record
+    is cropped to the same size, so a bucket's batch keeps its shape."""
     n = len(self.source)
     for attempt in range(min(n, 100)):
       i = (int(index) + attempt) % n
       try:
-        return self.example(self.source[i], flip)
+        return self.example(self.source[i], flip, size)
       except preprocess.DECODE_ERRORS as e:
         what = self.source.paths[i] if hasattr(self.source, "paths") else f"record {i}"
         if self.on_bad_image == "raise":
@@ -182,9 +198,14 @@ class Loader:
           logging.warning("skipping unreadable image %s (%s: %s)", what, type(e).__name__, e)
     raise ValueError(f"{self.source!r}: 100 consecutive records are unreadable, from {index}")
 
-  def load_batch(self, indices: np.ndarray, flips: np.ndarray) -> Batch:
-    """Records `indices` (B,) -> batch, row i flipped where `flips[i]`."""
-    if not hasattr(self.source, "read_batch"):
+  def load_batch(
+    self, indices: np.ndarray, flips: np.ndarray, size: tuple[int, int] | None = None
+  ) -> Batch:
+    """Records `indices` (B,) -> batch, row i flipped where `flips[i]`; images of `size`
+    (height, width; an aspect-ratio bucket, decoded sources only) or the square resolution."""
+    if size is not None:
+      batch = collate([self(i, f, size) for i, f in zip(indices, flips, strict=True)])
+    elif not hasattr(self.source, "read_batch"):
       batch = collate([self(i, f) for i, f in zip(indices, flips, strict=True)])
     else:
       batch = dict(self.source.read_batch(indices, flips))
@@ -205,7 +226,11 @@ class Loader:
 
 
 class TrainIterator(Iterator[Batch]):
-  """Infinite, checkpointable iterator over this process's rows of each global batch."""
+  """Infinite, checkpointable iterator over this process's rows of each global batch.
+
+  buckets: aspect-ratio buckets (`buckets.BucketBatches` of this global batch size and seed):
+  each global batch is one bucket's, of its (height, width); None: square images.
+  """
 
   def __init__(
     self,
@@ -217,6 +242,7 @@ class TrainIterator(Iterator[Batch]):
     process_count: int = 1,
     num_threads: int = 0,
     prefetch: int | None = None,
+    buckets: buckets_lib.BucketBatches | None = None,
   ):
     n = len(loader.source)
     if n == 0:
@@ -237,22 +263,38 @@ class TrainIterator(Iterator[Batch]):
     self.seed = int(seed)
     self.process_index = process_index
     self.process_count = process_count
-    ds = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(None)
-    ds = ds.batch(self.local_batch_size, batch_fn=np.asarray)
-    ds = ds.map_with_index(self._load)[process_index::process_count]
+    self.buckets = buckets
+    if buckets is None:
+      ds = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(None)
+      ds = ds.batch(self.local_batch_size, batch_fn=np.asarray)
+      ds = ds.map_with_index(self._load)[process_index::process_count]
+    else:
+      if (buckets.global_batch_size, buckets.seed) != (global_batch_size, self.seed):
+        raise ValueError(
+          f"buckets are planned for global batch {buckets.global_batch_size} and seed "
+          f"{buckets.seed}, not {global_batch_size} and {self.seed}"
+        )
+      ds = grain.MapDataset.range(buckets.batches_per_epoch * process_count).repeat(None)
+      ds = ds.map_with_index(self._load_bucket)[process_index::process_count]
     self.dataset = ds  # dataset[k]: this process's rows of global batch k.
     prefetch = max(4, num_threads) if prefetch is None else prefetch
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     self._it = iter(ds.to_iter_dataset(read))
 
-  def _load(self, sub_batch: int, indices: np.ndarray) -> Batch:
+  def _load(self, sub_batch: int, indices: np.ndarray, size=None) -> Batch:
     step, part = divmod(sub_batch, self.process_count)
     flips = np.zeros(len(indices), bool)
     if self.loader.random_flip:
       # Drawn for the whole global batch, so they do not depend on the process count.
       every = np.random.default_rng([self.seed, 1, step]).random(self.global_batch_size) < 0.5
       flips = every[part * self.local_batch_size : (part + 1) * self.local_batch_size]
-    return self.loader.load_batch(indices, flips)
+    return self.loader.load_batch(indices, flips, size)
+
+  def _load_bucket(self, sub_batch: int, _) -> Batch:
+    step, part = divmod(sub_batch, self.process_count)
+    bucket, rows = self.buckets[step]
+    rows = rows[part * self.local_batch_size : (part + 1) * self.local_batch_size]
+    return self._load(sub_batch, rows, tuple(int(v) for v in self.buckets.table[bucket]))
 
   @property
   def num_bad_images(self) -> int:
@@ -262,14 +304,23 @@ class TrainIterator(Iterator[Batch]):
   def __next__(self) -> Batch:
     return next(self._it)
 
+  @property
+  def bucket_sizes(self) -> list[list[int]] | None:
+    """[[height, width], ...] of the buckets batches come from; None without buckets."""
+    return None if self.buckets is None else [list(s) for s in self.buckets.sizes()]
+
   def get_state(self) -> dict:
-    """JSON-serialisable state; `set_state` of it resumes at the exact next batch."""
-    return {
+    """JSON-serialisable state; `set_state` of it resumes at the exact next batch (with
+    buckets: "buckets" lists their sizes, and the next batch's bucket follows from "step")."""
+    state = {
       "step": int(self._it.get_state()["next_index"]),
       "seed": self.seed,
       "global_batch_size": self.global_batch_size,
       "num_records": self.num_records,
     }
+    if self.buckets is not None:
+      state["buckets"] = self.bucket_sizes
+    return state
 
   def set_state(self, state: dict) -> None:
     for key in ("seed", "global_batch_size", "num_records"):
@@ -278,6 +329,13 @@ class TrainIterator(Iterator[Batch]):
           f"iterator state has {key}={state[key]!r} but this pipeline has "
           f"{key}={getattr(self, key)!r}; cannot resume a different data stream"
         )
+    saved = state.get("buckets")
+    saved = None if saved is None else [list(s) for s in saved]
+    if ("buckets" in state or self.buckets is not None) and saved != self.bucket_sizes:
+      raise ValueError(
+        f"iterator state has aspect-ratio buckets {saved} but this pipeline has "
+        f"{self.bucket_sizes}; cannot resume a different data stream"
+      )
     step = int(state["step"])
     if step < 0:
       raise ValueError(f"iterator state step must be >= 0, got {step}")
@@ -338,6 +396,57 @@ def _text_embedder(data_config: Any, source: Any) -> Any:
   return embedder
 
 
+def make_buckets(
+  data_config: Any,
+  source: Any,
+  *,
+  global_batch_size: int,
+  seed: int,
+  size_multiple: int = 1,
+) -> buckets_lib.BucketBatches | None:
+  """The aspect-ratio buckets of config.data.buckets (None when off) for `source`.
+
+  Reads config.data.resolution (the base square), bucket_divisor (0: `default_divisor` of
+  the resolution and size_multiple), bucket_max_ratio and num_threads (to read the image
+  headers). size_multiple: every bucket side must be a multiple of it (the model's patch
+  size). Images whose size cannot be read go to the square bucket (and are skipped when read).
+  """
+  get = data_config.get
+  if not get("buckets", False):
+    return None
+  if not hasattr(source, "image_sizes"):
+    raise ValueError(
+      f"config.data.buckets=True needs images of their own sizes: an image folder or caption "
+      f"folder (config.data.name='folder' or 'captions'), not name={get('name', 'digits')!r}"
+    )
+  base = get("resolution", 256)
+  divisor = get("bucket_divisor", 0) or buckets_lib.default_divisor(base, size_multiple)
+  if divisor % size_multiple:
+    raise ValueError(
+      f"config.data.bucket_divisor={divisor} must be a multiple of the model's patch size "
+      f"{size_multiple} (every bucket side is a whole number of patches)"
+    )
+  try:
+    table = buckets_lib.bucket_table(
+      base, divisor, max_ratio=get("bucket_max_ratio", buckets_lib.DEFAULT_MAX_RATIO)
+    )
+  except ValueError as e:
+    raise ValueError(f"config.data.resolution / bucket_divisor / bucket_max_ratio: {e}") from e
+  sizes = source.image_sizes(get("num_threads", 8))
+  known = sizes.min(axis=1) > 0
+  heights, widths = np.where(known, sizes[:, 0], 1), np.where(known, sizes[:, 1], 1)
+  plan = buckets_lib.BucketBatches(
+    buckets_lib.nearest_bucket(heights, widths, table), table, global_batch_size, seed
+  )
+  logging.info(
+    "aspect-ratio buckets: %d of %d hold images, (height, width): %s",
+    len(plan.buckets),
+    len(table),
+    ", ".join(f"{h}x{w}: {len(m)}" for (h, w), m in zip(plan.sizes(), plan.members, strict=True)),
+  )
+  return plan
+
+
 def make_train_iterator(
   data_config: Any,
   *,
@@ -346,6 +455,7 @@ def make_train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   num_classes: int | None = None,
+  size_multiple: int = 1,
 ) -> TrainIterator:
   """Builds the infinite training iterator for `data_config` on this process.
 
@@ -358,9 +468,12 @@ def make_train_iterator(
     num_classes: the model's number of classes: a class or label of the source outside
       [0, num_classes) is a LabelError, now where the source knows its labels, else when the
       batch is read. None (unconditional and text models): labels are not checked.
+    size_multiple: with config.data.buckets, every bucket side is a multiple of it (the
+      model's patch size; `make_buckets`).
 
   Returns:
-    TrainIterator yielding {"image": (B_local, R, R, C) float32 in [-1, 1] (or
+    TrainIterator yielding {"image": (B_local, R, R, C) float32 in [-1, 1] (with buckets:
+    (B_local, h, w, C), one bucket's (h, w) per global batch; or
     "latent": (B_local, h, w, c) float32), "label": (B_local,) int32, optionally
     "caption": (B_local,) str, "text": (B_local, L, D) float32, "text_mask": (B_local, L) int32}.
   """
@@ -388,4 +501,11 @@ def make_train_iterator(
     process_count=process_count,
     num_threads=get("num_threads", 0 if in_memory else 8),
     prefetch=get("prefetch", None),
+    buckets=make_buckets(
+      data_config,
+      source,
+      global_batch_size=global_batch_size,
+      seed=seed,
+      size_multiple=size_multiple,
+    ),
   )

@@ -1,4 +1,5 @@
-"""Image decoding and ADM/DiT preprocessing: center crop + resize, flip, to [-1, 1].
+"""Image decoding and ADM/DiT preprocessing: center crop + resize, flip, to [-1, 1]; and the
+resize-to-cover + center crop of aspect-ratio buckets (dit/data/buckets.py).
 
 All functions are pure NumPy/PIL and deterministic; randomness (the flip bit) is
 passed in by the pipeline.
@@ -59,14 +60,25 @@ def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
   Returns:
     (resolution, resolution, C) uint8 (C from the image mode).
   """
-  while min(image.size) >= 2 * resolution:
+  return cover_crop(image, resolution, resolution)
+
+
+def cover_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
+  """Resize to cover height x width, then center crop (PixArt's bucket transform); ADM's
+  center crop when square: box-halve while both sides are >= 2x, then one bicubic resize.
+
+  Returns:
+    (height, width, C) uint8 (C from the image mode).
+  """
+  while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
     image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-  scale = resolution / min(image.size)
-  image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+  scale = max(width / image.size[0], height / image.size[1])
+  size = tuple(max(t, round(s * scale)) for s, t in zip(image.size, (width, height), strict=True))
+  image = image.resize(size, resample=Image.BICUBIC)
   arr = np.asarray(image)
-  top = (arr.shape[0] - resolution) // 2
-  left = (arr.shape[1] - resolution) // 2
-  arr = arr[top : top + resolution, left : left + resolution]
+  top = (arr.shape[0] - height) // 2
+  left = (arr.shape[1] - width) // 2
+  arr = arr[top : top + height, left : left + width]
   return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -76,14 +88,20 @@ def to_float(image_u8: np.ndarray) -> np.ndarray:
 
 
 def preprocess(
-  image: Image.Image | np.ndarray, resolution: int, channels: int = 3, flip: bool = False
+  image: Image.Image | np.ndarray,
+  resolution: int | tuple[int, int],
+  channels: int = 3,
+  flip: bool = False,
 ) -> np.ndarray:
-  """A decoded image (PIL or HW[C] uint8 array) -> (R, R, channels) float32 in [-1, 1]."""
+  """A decoded image (PIL or HW[C] uint8 array) -> (R, R, channels) float32 in [-1, 1]; with
+  resolution (height, width): (height, width, channels), resized to cover and center-cropped
+  (an aspect-ratio bucket)."""
   if isinstance(image, np.ndarray):
     if image.ndim == 3 and image.shape[-1] == 1:
       image = image[..., 0]
     image = Image.fromarray(image)
-  arr = center_crop(to_mode(image, channels), resolution)
+  height, width = (resolution, resolution) if np.ndim(resolution) == 0 else resolution
+  arr = cover_crop(to_mode(image, channels), int(height), int(width))
   if flip:
     arr = arr[:, ::-1]
   return to_float(arr)
