@@ -103,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.999
   c.optim.ema_warmup = True
+  # "sp" (standard) | "mup": init and per-layer learning rates scaled by width (docs/mup.md).
+  c.parametrization = "sp"
+  c.mup = ml_collections.ConfigDict(dict(base_width=128))
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "ddim"
@@ -124,4 +127,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.best_mode = "max"
   c.eval.inception_path = ""
   c.eval.ref_stats = ""
+  c.eval.dinov2_path = ""  # For "fd_dinov2": a Hugging Face DINOv2 directory (ViT-L/14).
+  c.eval.dinov2_ref_stats = ""  # For "fd_dinov2": dit.fid_stats --feature=dinov2 output.
   return c

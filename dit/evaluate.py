@@ -5,9 +5,11 @@
   dit-evaluate --config=configs/digits.py --workdir=runs/digits
 
 The metrics (config.eval.metric) are computed by dit/evaluation.py: "digits" (conditional
-accuracy and a Frechet distance in a digits classifier's features) or "fid" (FID and
-Inception Score; config.eval.inception_path and config.eval.ref_stats). WORKDIR/eval.json
-records them with the sampler settings and the config keys that differ from config.json.
+accuracy and a Frechet distance in a digits classifier's features), "fid" (FID and
+Inception Score; config.eval.inception_path and config.eval.ref_stats) or "fd_dinov2"
+(EDM2's FD-DINOv2; config.eval.dinov2_path and config.eval.dinov2_ref_stats), or a
+comma-separated list of them ("fid,fd_dinov2"). WORKDIR/eval.json records them with the
+sampler settings and the config keys that differ from config.json.
 """
 
 from __future__ import annotations

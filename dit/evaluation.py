@@ -8,6 +8,11 @@ config.eval.metric picks the metrics:
   pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`) against reference statistics
   (config.eval.ref_stats: an ADM/pytorch-fid `.npz`). Latent models are decoded with the
   VAE in config.vae.path.
+- "fd_dinov2": the Frechet distance on DINOv2 CLS features, EDM2's protocol (see
+  `fid_stats.dinov2_cls_fn`), with the Hugging Face DINOv2 directory config.eval.dinov2_path
+  (facebook/dinov2-large) against config.eval.dinov2_ref_stats (`python -m dit.fid_stats
+  --feature=dinov2`).
+A comma-separated list ("fid,fd_dinov2") computes several on the same samples.
 
 Samples are drawn in batches of config.eval.batch_size with the jitted scan sampler,
 classes spread evenly over the samples.
@@ -59,23 +64,50 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
   if "eval" not in config:
     raise UserError("This config has no eval section; add config.eval (see configs/digits.py).")
   e = config.eval
-  if e.metric not in METRICS:
-    raise UserError(f"config.eval.metric must be one of {tuple(METRICS)}, got {e.metric!r}.")
+  names = metric_names(e.metric)
   if e.num_samples < 1 or e.batch_size < 1:
     raise UserError(
       f"config.eval.num_samples and batch_size must be positive, got {e.num_samples}, "
       f"{e.batch_size}."
     )
-  if e.metric == "fid":
-    for field in ("inception_path", "ref_stats"):
+  files = {"fid": ("inception_path", "ref_stats"), "fd_dinov2": ("dinov2_ref_stats",)}
+  for name in names:
+    for field in files.get(name, ()):
       if not e.get(field) or not os.path.exists(e[field]):
         raise UserError(f"config.eval.{field} must name an existing file, got {e.get(field)!r}.")
+  if "fd_dinov2" in names:
+    from dit.models import dinov2
+
+    if "dinov2_path" not in e:
+      raise UserError(
+        "config.eval has no dinov2_path: add c.eval.dinov2_path (a Hugging Face DINOv2 "
+        "directory, facebook/dinov2-large for EDM2's FD-DINOv2) to the config file."
+      )
+    try:
+      dinov2.check_model_dir(e.dinov2_path)
+    except (OSError, ValueError) as err:
+      raise UserError(f"config.eval.dinov2_path: {err}") from err
+  if set(names) & {"fid", "fd_dinov2"}:
     channels = config.model.in_channels
     if channels not in (1, 3) and not generate.vae_path(config):
       raise UserError(
-        f"FID needs RGB images, but the model makes {channels}-channel latents and "
-        "config.vae.path is empty; set it to the VAE that decodes them."
+        f"{'FID' if 'fid' in names else 'FD-DINOv2'} needs RGB images, but the model makes "
+        f"{channels}-channel latents and config.vae.path is empty; set it to the VAE that "
+        "decodes them."
       )
+
+
+def metric_names(metric: str) -> tuple[str, ...]:
+  """config.eval.metric ("fid" or a comma-separated list "fid,fd_dinov2") -> the names;
+  UserError for an unknown or empty one."""
+  names = tuple(m.strip() for m in str(metric).split(","))
+  bad = [m for m in names if m not in METRICS]
+  if bad or len(set(names)) != len(names):
+    raise UserError(
+      f"config.eval.metric must be one of {tuple(METRICS)} or a comma-separated list of "
+      f"distinct ones, got {metric!r}."
+    )
+  return names
 
 
 def evaluate(
@@ -92,7 +124,8 @@ def evaluate(
   if not np.all(np.isfinite(images)):
     raise FloatingPointError("The sampler produced NaN/Inf images; the checkpoint is broken.")
   result = {"num_samples": int(len(images)), "sample_seconds": time.perf_counter() - start}
-  result.update(METRICS[e.metric](config, images, labels))
+  for name in metric_names(e.metric):
+    result.update(METRICS[name](config, images, labels))
   return result
 
 
@@ -118,9 +151,7 @@ def fid_metrics(config, images: np.ndarray, labels: np.ndarray | None = None) ->
 
   e = config.eval
   fn = inception.make_feature_fn(inception.load_inception_variables(e.inception_path))
-  uint8 = generate.to_uint8(images)
-  if uint8.shape[-1] == 1:
-    uint8 = np.repeat(uint8, 3, axis=-1)
+  uint8 = _uint8_rgb(images)
   outputs = [
     fn(uint8[s : s + 500].astype(np.float32) / 127.5 - 1.0) for s in range(0, len(uint8), 500)
   ]
@@ -136,8 +167,25 @@ def fid_metrics(config, images: np.ndarray, labels: np.ndarray | None = None) ->
   }
 
 
+def fd_dinov2_metrics(config, images: np.ndarray, labels: np.ndarray | None = None) -> dict:
+  """FD-DINOv2 (EDM2): the samples quantised to 8 bits, as the reference images are."""
+  del labels  # Unconditional, as FID.
+  e = config.eval
+  fn = fid_stats.dinov2_cls_fn(e.dinov2_path)
+  features = fid_stats.features_of_images(_uint8_rgb(images), fn)
+  mu_ref, sigma_ref = fid_stats.load_reference_stats(e.dinov2_ref_stats, dim=features.shape[1])
+  mu, sigma = metrics.feature_statistics(features)
+  return {"fd_dinov2": metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+
+
+def _uint8_rgb(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] images (N, H, W, 1 or 3) -> uint8 RGB, as the reference images are stored."""
+  uint8 = generate.to_uint8(images)
+  return np.repeat(uint8, 3, axis=-1) if uint8.shape[-1] == 1 else uint8
+
+
 # config.eval.metric -> metrics(config, images (N, H, W, C) in [-1, 1], labels (N,)) -> dict.
-METRICS = {"digits": digits_metrics, "fid": fid_metrics}
+METRICS = {"digits": digits_metrics, "fid": fid_metrics, "fd_dinov2": fd_dinov2_metrics}
 
 
 def config_choices() -> dict[str, tuple[str, ...]]:

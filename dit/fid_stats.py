@@ -1,7 +1,8 @@
-"""FID reference statistics: read, write and compute `.npz` files of `mu` and `sigma`.
+"""FID / FD-DINOv2 reference statistics: read, write and compute `.npz` files of `mu`, `sigma`.
 
 File layout (pytorch-fid and the ADM evaluation suite): an `.npz` with `mu` (D,) and
-`sigma` (D, D), D = 2048 for Inception pool3. ADM's reference batches (e.g.
+`sigma` (D, D), D = 2048 for Inception pool3, D = 1024 for DINOv2 ViT-L/14's CLS token (the
+dimension tells the two apart, and loading checks it). ADM's reference batches (e.g.
 `VIRTUAL_imagenet256_labeled.npz`) also hold the images as `arr_0` (N, H, W, 3) uint8
 (and spatial `mu_s`/`sigma_s`, unused here); a file with only `arr_0` is an image batch
 whose statistics `load_reference_stats` computes.
@@ -10,14 +11,18 @@ Published statistics were made with TF's Inception graph; the pytorch-fid networ
 here reproduces it up to resize details, so FIDs agree to within small differences.
 
   python -m dit.fid_stats --images=DIR_or_NPZ --inception=WEIGHTS --out=stats.npz
+  python -m dit.fid_stats --images=DIR_or_NPZ --feature=dinov2 --dinov2=DINOV2_DIR --out=dino.npz
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -135,6 +140,65 @@ def inception_pool_fn(weights: str, batch_size: int = 50) -> Callable[[np.ndarra
   return lambda images: fn(images)["pool"]
 
 
+# FD-DINOv2 as EDM2 computes it (NVlabs/edm2 calculate_metrics.py, DINOv2Detector, after
+# layer6ai-labs/dgm-eval): uint8 RGB images -> F.interpolate(size=224, mode="bicubic",
+# antialias=True) -> / 255 -> ImageNet mean/std -> torch.hub `dinov2_vitl14` -> its normalised
+# CLS token (1024-d), statistics in float64, the Frechet distance as for FID. The Hugging Face
+# checkpoint facebook/dinov2-large holds the same weights; torch.hub's model interpolates the
+# 37 x 37 position grid with the +0.1 offset, which `dinov2_cls_fn` reproduces.
+DINOV2_RESOLUTION = 224
+DINOV2_BATCH = 64
+
+
+@functools.lru_cache(maxsize=2)
+def _dinov2_cls_apply(model_dir: str, stamp: tuple, resolution: int):
+  del stamp  # Part of the cache key only: a rewritten checkpoint is read again.
+  from dit.models import dinov2
+
+  config, params = dinov2.load_dinov2(model_dir)
+  # torch.hub's models: offset 0.1 without registers; the register models use size= (0.0)
+  # with antialiasing, as transformers.
+  offset = 0.0 if config.num_register_tokens else 0.1
+  config = dataclasses.replace(config, interpolate_offset=offset)
+  features = dinov2.make_features(config, resolution=resolution, antialias=True)
+  apply = jax.jit(lambda p, x: features(p, x)["cls"])
+  return apply, jax.device_put(params)
+
+
+def dinov2_cls_fn(
+  model_dir: str, batch_size: int = DINOV2_BATCH, resolution: int = DINOV2_RESOLUTION
+) -> Callable[[np.ndarray], np.ndarray]:
+  """images (N, H, W, 3 or 1) in [-1, 1] -> (N, D) float32 CLS features, EDM2's FD-DINOv2.
+
+  model_dir: a Hugging Face DINOv2 directory (facebook/dinov2-large for EDM2's numbers).
+  Runs in batches of batch_size (the last one padded: one compilation), matmuls in full
+  float32 on every backend. Feed 8-bit-quantised images for numbers comparable with EDM2.
+  """
+  weights = [os.path.join(model_dir, n) for n in ("config.json", "model.safetensors")]
+  stamp = tuple(os.path.getmtime(p) if os.path.exists(p) else 0.0 for p in weights)
+  apply, params = _dinov2_cls_apply(os.path.abspath(model_dir), stamp, resolution)
+
+  def feature_fn(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise ValueError(f"images must be (N, H, W, 1 or 3), got shape {images.shape}")
+    if not np.all(np.isfinite(images)):
+      raise ValueError("images contain NaN or inf values")
+    outs = []
+    for start in range(0, len(images), batch_size):
+      batch = images[start : start + batch_size]
+      n = len(batch)
+      if n < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+      with jax.default_matmul_precision("highest"):  # No TF32 / bf16 passes on GPU and TPU.
+        outs.append(np.asarray(apply(params, batch))[:n])
+    if not outs:
+      raise ValueError("no images given")
+    return np.concatenate(outs)
+
+  return feature_fn
+
+
 def load_reference_stats(
   path: str, feature_fn: Callable[[np.ndarray], np.ndarray] | None = None, dim: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -153,27 +217,48 @@ def load_reference_stats(
 
 def main(argv) -> None:
   del argv
-  from absl import flags
+  from absl import app, flags
 
   f = flags.FLAGS
+  need = {"inception": f.inception, "dinov2": f.dinov2}[f.feature]
+  if not need:
+    raise app.UsageError(f"--feature={f.feature} needs --{f.feature}=PATH.")
   images = load_images(f.images, f.max_images, progress=f.progress)
-  feature_fn = inception_pool_fn(f.inception, f.batch_size)
+  if f.feature == "inception":
+    feature_fn = inception_pool_fn(f.inception, f.batch_size or 50)
+  else:
+    feature_fn = dinov2_cls_fn(f.dinov2, f.batch_size or DINOV2_BATCH)
   features = features_of_images(images, feature_fn, progress=f.progress)
   mu, sigma = metrics.feature_statistics(features)
   save_stats(f.out, mu, sigma)
-  print(json.dumps({"out": f.out, "num_images": len(images), "dim": int(mu.shape[0])}))
+  print(
+    json.dumps(
+      {"out": f.out, "feature": f.feature, "num_images": len(images), "dim": int(mu.shape[0])}
+    )
+  )
+
+
+def define_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_string("images", None, "Directory of images or .npz with arr_0 (N,H,W,3) uint8.")
+  flags.DEFINE_enum(
+    "feature", "inception", ["inception", "dinov2"],
+    "inception: FID's pool3 (2048-d); dinov2: FD-DINOv2's CLS token (EDM2's protocol).",
+  )  # fmt: skip
+  flags.DEFINE_string("inception", None, "pytorch-fid pt_inception-2015-12-05-6726825d.pth.")
+  flags.DEFINE_string("dinov2", None, "Hugging Face DINOv2 directory (facebook/dinov2-large).")
+  flags.DEFINE_string("out", None, "Output .npz with mu and sigma.")
+  flags.DEFINE_integer("batch_size", 0, "Batch size (0: 50 for Inception, 64 for DINOv2).")
+  flags.DEFINE_integer("max_images", 0, "Use only the first N images (0: all).")
+  flags.DEFINE_bool("progress", True, "tqdm bars with ETA (--progress=false for logs).")
+  flags.mark_flags_as_required(["images", "out"])
 
 
 def cli() -> None:
-  from absl import app, flags
+  from absl import app
 
-  flags.DEFINE_string("images", None, "Directory of images or .npz with arr_0 (N,H,W,3) uint8.")
-  flags.DEFINE_string("inception", None, "pytorch-fid pt_inception-2015-12-05-6726825d.pth.")
-  flags.DEFINE_string("out", None, "Output .npz with mu and sigma.")
-  flags.DEFINE_integer("batch_size", 50, "Inception batch size.")
-  flags.DEFINE_integer("max_images", 0, "Use only the first N images (0: all).")
-  flags.DEFINE_bool("progress", True, "tqdm bars with ETA (--progress=false for logs).")
-  flags.mark_flags_as_required(["images", "inception", "out"])
+  define_flags()
   app.run(main)
 
 

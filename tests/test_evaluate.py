@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, tiny_config
 
-from dit import evaluation, generate, metrics, train
+from dit import evaluation, fid_stats, generate, metrics, train
 from dit.cli import UserError
 from dit.data import load_digits_arrays
 from dit.models import dit as dit_model
@@ -62,6 +62,70 @@ def test_generate_samples_is_class_balanced_and_deterministic():
   assert a.shape == (30, 8, 8, 1) and np.all(np.abs(a) <= 1.0)
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [3] * 10)
   np.testing.assert_array_equal(a, b)
+
+
+def _fd_dinov2_config(tmp_path, num_real=0):
+  """tiny_config evaluating "digits,fd_dinov2" with a tiny random DINOv2 (HF format) and
+  reference statistics of num_real real digits written as `dit.fid_stats --feature=dinov2`
+  does (num_real=0: placeholder statistics)."""
+  import transformers
+
+  dino = tmp_path / "dinov2"
+  hf = transformers.Dinov2Config(
+    hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+  )
+  transformers.Dinov2Model(hf).save_pretrained(dino)
+  config = tiny_config(**{"eval.num_samples": 100, "eval.batch_size": 50})
+  features = np.random.RandomState(0).randn(20, 16)
+  if num_real:
+    real = load_digits_arrays(config.data.resolution)[0][:num_real]
+    features = fid_stats.features_of_images(
+      np.repeat(generate.to_uint8(real), 3, -1), fid_stats.dinov2_cls_fn(str(dino))
+    )
+  fid_stats.save_stats(str(tmp_path / "dino_ref.npz"), *metrics.feature_statistics(features))
+  with config.unlocked():  # Keys the shipped configs may not have yet.
+    config.eval.metric = "digits,fd_dinov2"
+    config.eval.dinov2_path = str(dino)
+    config.eval.dinov2_ref_stats = str(tmp_path / "dino_ref.npz")
+  return config, features
+
+
+def test_fd_dinov2_end_to_end(trained, tmp_path):
+  """eval.metric = "digits,fd_dinov2": both metrics on the same samples; FD-DINOv2 is the
+  Frechet distance of the samples' CLS features to the real digits' statistics."""
+  config, real_features = _fd_dinov2_config(tmp_path, num_real=200)
+  model, params = generate.load_params(config, trained)
+  out = evaluation.evaluate(config, model, params, jax.random.PRNGKey(0))
+  assert {"accuracy", "digits_fd", "fd_dinov2"} <= set(out) and out["num_samples"] == 100
+  images, _ = evaluation.generate_samples(config, model, params, jax.random.PRNGKey(0), 100, 50)
+  fn = fid_stats.dinov2_cls_fn(config.eval.dinov2_path)
+  fake = fid_stats.features_of_images(np.repeat(generate.to_uint8(images), 3, -1), fn)
+  want = metrics.fid_from_features(real_features, fake)
+  assert out["fd_dinov2"] == pytest.approx(want, rel=1e-6) and want > 0
+  assert metrics.fid_from_features(real_features, real_features) < 1e-6 * want
+
+
+def test_fd_dinov2_config_is_checked_before_sampling(tmp_path):
+  config, _ = _fd_dinov2_config(tmp_path)
+  evaluation.check_eval_config(config)
+  for key, value, message in [
+    ("metric", "fid,fd_dino", "config.eval.metric must be one of"),
+    ("metric", "fd_dinov2,fd_dinov2", "comma-separated list of distinct ones"),
+    ("dinov2_ref_stats", str(tmp_path / "no.npz"), "dinov2_ref_stats must name an existing"),
+    ("dinov2_path", str(tmp_path / "no"), "dinov2_path: DINOv2 model directory .* not exist"),
+    ("dinov2_path", str(tmp_path), r"dinov2_path: .* is missing \['config.json'"),
+  ]:
+    bad = config.copy_and_resolve_references()
+    bad.eval[key] = value
+    with pytest.raises(UserError, match=message):
+      evaluation.check_eval_config(bad)
+  vit = tmp_path / "vit"
+  vit.mkdir()
+  (vit / "config.json").write_text(json.dumps({"model_type": "vit"}))
+  (vit / "model.safetensors").write_bytes(b"")
+  config.eval.dinov2_path = str(vit)
+  with pytest.raises(UserError, match="describes a 'vit' model; expected a DINOv2 config"):
+    evaluation.check_eval_config(config)
 
 
 @pytest.mark.parametrize(

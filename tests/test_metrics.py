@@ -213,3 +213,114 @@ def test_digits_bad_input():
     metrics.digits_feature_fn()(bad)
   with pytest.raises(ValueError, match=r"\(N, H, W, 1\)"):
     metrics.digits_classifier_accuracy(np.repeat(images, 3, axis=-1), labels)
+
+
+# --- FD-DINOv2 (EDM2's protocol) --------------------------------------------------------
+
+
+def _tiny_dinov2(path, registers=False):
+  """A tiny random DINOv2 at patch 14 saved with save_pretrained: 518 -> 28 px, a 2 x 2
+  position grid, so EDM2's 224 px input interpolates it to 16 x 16."""
+  import torch
+  import transformers
+
+  config_cls = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
+  model_cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+  config = config_cls(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+  )
+  torch.manual_seed(0)
+  model = model_cls(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      big = "position_embeddings" in name or "register_tokens" in name
+      p.copy_(torch.randn_like(p) * (1.0 if big else 0.3) + (1.0 if "lambda1" in name else 0.0))
+  model.save_pretrained(path)
+  return model
+
+
+def _edm2_dinov2_features(model, uint8_nhwc):
+  """EDM2's DINOv2Detector ('torch' resize mode) around a transformers model whose position
+  interpolation is swapped for the original DINOv2's (scale_factor with the +0.1 offset)."""
+  import torch
+
+  emb = model.embeddings
+
+  def original_interpolation(embeddings, height, width):
+    pos = emb.position_embeddings
+    m = int((pos.shape[1] - 1) ** 0.5)
+    h0, w0 = height // 14, width // 14
+    patch = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patch = torch.nn.functional.interpolate(
+      patch, scale_factor=((h0 + 0.1) / m, (w0 + 0.1) / m), mode="bicubic", antialias=False
+    )
+    return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
+
+  emb.interpolate_pos_encoding = original_interpolation
+  x = torch.from_numpy(uint8_nhwc).permute(0, 3, 1, 2)
+  x = torch.nn.functional.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)
+  x = x / 255
+  x = (x - torch.tensor([0.485, 0.456, 0.406]).reshape(1, -1, 1, 1)) / torch.tensor(
+    [0.229, 0.224, 0.225]
+  ).reshape(1, -1, 1, 1)
+  with torch.no_grad():
+    return model(x).pooler_output.numpy()
+
+
+def test_dinov2_cls_features_follow_edm2(tmp_path):
+  model = _tiny_dinov2(tmp_path)
+  images = np.random.RandomState(0).randint(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+  fn = fid_stats.dinov2_cls_fn(str(tmp_path), batch_size=4)  # 5 = one full + one padded batch.
+  got = fid_stats.features_of_images(images, fn)
+  want = _edm2_dinov2_features(model, images)
+  assert got.shape == (5, 16)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_fd_dinov2_is_zero_on_itself_and_grows_with_a_shift(tmp_path):
+  _tiny_dinov2(tmp_path, registers=True)
+  real = _upsample(metrics.digits_held_out()[0][:120], 16)
+  uint8 = np.clip(np.round((np.repeat(real, 3, -1) + 1) * 127.5), 0, 255).astype(np.uint8)
+  fn = fid_stats.dinov2_cls_fn(str(tmp_path))
+  feats = fid_stats.features_of_images(uint8, fn)
+  assert feats.shape == (120, 16)
+  # Reference statistics as `python -m dit.fid_stats --feature=dinov2` writes them.
+  path = str(tmp_path / "ref.npz")
+  fid_stats.save_stats(path, *metrics.feature_statistics(feats))
+  ref = fid_stats.load_reference_stats(path, dim=16)
+  scale = np.trace(ref[1])
+  assert abs(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref)) < 1e-9 * scale
+  fds = []
+  for shift in (20, 60):
+    shifted = np.clip(uint8.astype(np.int64) + shift, 0, 255).astype(np.uint8)
+    fake = metrics.feature_statistics(fid_stats.features_of_images(shifted, fn))
+    fds.append(metrics.frechet_distance(*fake, *ref))
+  assert 1e-3 * scale < fds[0] < fds[1], (fds, scale)
+
+
+@pytest.mark.slow
+def test_fid_stats_command_writes_dinov2_stats(tmp_path):
+  """`python -m dit.fid_stats --images=NPZ --feature=dinov2 --dinov2=DIR --out=...`."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  _tiny_dinov2(tmp_path / "dino")
+  images = np.random.RandomState(1).randint(0, 256, (40, 24, 24, 3), dtype=np.uint8)
+  np.savez(tmp_path / "images.npz", arr_0=images)
+  out = tmp_path / "stats.npz"
+  cmd = [sys.executable, "-m", "dit.fid_stats", f"--images={tmp_path / 'images.npz'}"]
+  cmd += ["--feature=dinov2", f"--dinov2={tmp_path / 'dino'}", f"--out={out}", "--noprogress"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert json.loads(res.stdout.strip().splitlines()[-1])["dim"] == 16
+  want = metrics.feature_statistics(
+    fid_stats.features_of_images(images, fid_stats.dinov2_cls_fn(str(tmp_path / "dino")))
+  )
+  mu, sigma = fid_stats.load_stats(str(out), dim=16)
+  np.testing.assert_allclose(mu, want[0], atol=1e-6)
+  np.testing.assert_allclose(sigma, want[1], atol=1e-6)
+  missing = subprocess.run(cmd[:5] + [f"--out={out}"], capture_output=True, text=True, env=env)
+  assert missing.returncode != 0 and "--feature=dinov2 needs --dinov2=PATH" in missing.stderr
