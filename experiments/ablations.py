@@ -22,7 +22,7 @@ import os
 
 from absl import app, flags
 
-from experiments import sweep
+from experiments import plots, sweep
 
 # The common settings: the demo's model and recipe at 800 steps. They are pinned (not taken
 # from configs/digits.py's defaults) so the committed table stays valid.
@@ -58,6 +58,19 @@ ABLATIONS = {
   "conditioning": [{"model.block": b} for b in ("adaln_zero", "adaln", "cross_attn", "in_context")],
   "loss_weighting": [{"diffusion.weighting": w} for w in ("uniform", "min_snr")],
   "prediction": [{"diffusion.prediction": p} for p in ("eps", "v")],
+  # The original DiT block against LightningDiT's choices (configs/digits.py:lightningdit),
+  # one option at a time and together, at equal steps and about equal params (+0.1%); the
+  # two ends with a second seed.
+  "backbone": [
+    {"model.norm": "layernorm", "model.mlp": "gelu", "model.pos_embed": "sincos"},
+    {"model.norm": "rmsnorm"},
+    {"model.mlp": "swiglu"},
+    {"model.pos_embed": "rope"},
+    {"model.pos_embed": "both"},
+    {"model.norm": "rmsnorm", "model.mlp": "swiglu", "model.pos_embed": "both"},
+    {"model.norm": "layernorm", "model.mlp": "gelu", "model.pos_embed": "sincos", "seed": 1},
+    {"model.norm": "rmsnorm", "model.mlp": "swiglu", "model.pos_embed": "both", "seed": 1},
+  ],
   # One trained model (the base), sampled with each sampler at each number of model calls
   # (200 samples each: the differences between samplers at low NFE are large).
   "sampler_nfe": [
@@ -144,18 +157,9 @@ def write_results(results: dict, out: str) -> None:
       plot_arms(name, records, f"{out}_{name}.png")
 
 
-def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def plot_arms(name: str, records: list[dict], path: str) -> None:
   """Training-loss curves (left) and the eval metrics as bars (right) for one ablation."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for r in records:
     rows = sweep.read_metrics(r["workdir"])
@@ -167,29 +171,21 @@ def plot_arms(name: str, records: list[dict], path: str) -> None:
     ax.bar(labels, [r.get(key, float("nan")) for r in records], color="C0")
     ax.set(title=title)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def plot_sampler_nfe(records: list[dict], path: str) -> None:
   """Digits FD and accuracy against sampling steps, one curve per sampler."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  by_sampler: dict[str, list[dict]] = {}
-  for r in records:
-    by_sampler.setdefault(r["overrides"]["sample.sampler"], []).append(r)
-  for sampler, rs in by_sampler.items():
-    rs = sorted(rs, key=lambda r: r["overrides"]["sample.steps"])
-    nfe = [r["overrides"]["sample.steps"] for r in rs]
-    axes[0].plot(nfe, [r["digits_fd"] for r in rs], "o-", label=sampler)
-    axes[1].plot(nfe, [r["accuracy"] for r in rs], "o-", label=sampler)
+  steps = lambda r: r["overrides"]["sample.steps"]
+  sampler = lambda r: r["overrides"]["sample.sampler"]
+  plots.lines(axes[0], records, steps, "digits_fd", by=sampler)
+  plots.lines(axes[1], records, steps, "accuracy", by=sampler)
   axes[0].set(xlabel="sampling steps", ylabel="digits FD ↓", xscale="log", yscale="log")
   axes[1].set(xlabel="sampling steps", ylabel="cond. accuracy ↑", xscale="log")
   axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 # ---- Command line ------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""experiments/: override handling, power-law fit, and a 2-point sweep and a 2-arm ablation
-run end to end on tiny digits settings (the files they write are checked)."""
+"""experiments/: override handling, the power-law and isoFLOP fits (on synthetic data with a
+known exponent), a 2-point scaling study and a 2-arm ablation run end to end on tiny digits
+settings, an isoFLOP study through the sweep with a stand-in trainer (the files they write are
+checked). The sweep's own resume and --plot_only are in test_sweep.py."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,17 +33,19 @@ TINY = {
 
 def test_apply_overrides_sets_adds_model_fields_and_rejects_unknown_keys():
   base = cli.load_config(DIGITS)
-  config = sweep.apply_overrides(base, {"model.depth": 2, "model.qk_norm": True})
-  assert config.model.depth == 2 and config.model.qk_norm is True
+  config = sweep.apply_overrides(base, {"model.depth": 2, "model.size_conditioning": True})
+  assert config.model.depth == 2 and config.model.size_conditioning is True
   assert config.is_locked
-  assert base.model.depth == 4 and "qk_norm" not in base.model  # The base is unchanged.
-  assert sweep.get(base, "model.qk_norm") is False  # DiT's default.
-  with pytest.raises(cli.UserError, match=r"'model.depthh': 'model' has keys \[.*'qk_norm'"):
+  assert base.model.depth == 4 and "size_conditioning" not in base.model  # Unchanged.
+  assert sweep.get(base, "model.size_conditioning") is False  # DiT's default.
+  with pytest.raises(
+    cli.UserError, match=r"'model.depthh': 'model' has keys \[.*'size_conditioning'"
+  ):
     sweep.apply_overrides(base, {"model.depthh": 2})
   with pytest.raises(cli.UserError, match="optimm"):
     sweep.apply_overrides(base, {"optimm.lr": 1.0})
-  with pytest.raises(cli.UserError, match="'model.qk_norm' takes a value of type bool"):
-    sweep.apply_overrides(base, {"model.qk_norm": "yes"})
+  with pytest.raises(cli.UserError, match="'model.size_conditioning' takes a value of type bool"):
+    sweep.apply_overrides(base, {"model.size_conditioning": "yes"})
 
 
 def test_cli_apply_overrides_parses_and_checks_values():
@@ -63,8 +69,10 @@ def test_cli_apply_overrides_parses_and_checks_values():
   assert cli.apply_overrides(base, ["model.extra=None"]).model.extra is None
   assert cli.apply_overrides(base, ["model.extra=some/path"]).model.extra == "some/path"
   # With defaults, a missing key is added, typed by its default.
-  config = cli.apply_overrides(base, ["model.qk_norm=True"], defaults={"model.qk_norm": False})
-  assert config.model.qk_norm is True
+  config = cli.apply_overrides(
+    base, ["model.size_conditioning=True"], defaults=sweep.MODEL_DEFAULTS
+  )
+  assert config.model.size_conditioning is True
 
 
 @pytest.mark.parametrize(
@@ -93,6 +101,7 @@ def test_load_config_errors_are_one_line_user_errors(tmp_path):
     "syntax.py": "def get_config(:\n  pass\n",
     "raises.py": "import no_such_module_here\n",
     "empty.py": "X = 1\n",
+    "no_arg.py": "def get_config():\n  return None\n",
     "bad_arg.py": "def get_config(arg):\n  return {'a': 1}[arg]\n",
   }
   for name, text in files.items():
@@ -104,7 +113,7 @@ def test_load_config_errors_are_one_line_user_errors(tmp_path):
     (tmp_path / "raises.py", "raises.py' failed to load: ModuleNotFoundError: No module named"),
     (tmp_path / "empty.py", "empty.py' defines no get_config"),
     (f"{tmp_path / 'bad_arg.py'}:b", "Config '.*bad_arg.py:b': KeyError: 'b'"),
-    (f"{DIGITS}:x", "Config '.*digits.py:x': .*get_config"),  # It takes no argument.
+    (f"{tmp_path / 'no_arg.py'}:x", "Config '.*no_arg.py:x': .*get_config"),  # Takes none.
   ]
   for spec, message in cases:
     with pytest.raises(cli.UserError, match=message) as e:
@@ -130,7 +139,7 @@ def test_scaling_command_line_errors_are_one_line(tmp_path, args, message):
 
 def test_train_overrides_and_slug():
   base = cli.load_config(DIGITS)
-  arm = {"model.qk_norm": False, "sample.steps": 5, "diffusion.prediction": "v"}
+  arm = {"model.size_conditioning": False, "sample.steps": 5, "diffusion.prediction": "v"}
   assert sweep.train_overrides(base, arm) == {"diffusion.prediction": "v"}
   assert sweep.slug({}) == "base"
   assert sweep.slug({"diffusion.prediction": "v"}) == "prediction=v"
@@ -153,8 +162,74 @@ def test_power_law_fit_recovers_exponent():
   fit = scaling.power_law_fit(c, 3.0 * c**-0.2)
   assert fit["a"] == pytest.approx(3.0, rel=1e-9)
   assert fit["b"] == pytest.approx(-0.2, rel=1e-9)
-  assert fit["r2"] == pytest.approx(1.0)
+  assert fit["r2"] == pytest.approx(1.0) and fit["n"] == 6
+  assert fit["b_ci"] == pytest.approx([-0.2, -0.2], abs=1e-9)  # No noise: no width.
   assert scaling.power_law_fit([1.0], [2.0]) is None
+  assert scaling.power_law_fit([1.0, 1.0], [2.0, 3.0]) is None  # One compute value.
+  two = scaling.power_law_fit([1.0, 10.0], [2.0, 1.0])
+  assert two["b"] == pytest.approx(-np.log10(2)) and two["b_ci"] is None  # No residual dof.
+
+
+def test_power_law_fit_interval_holds_the_true_exponent_and_not_a_wrong_one():
+  c = np.geomspace(1e2, 1e6, 12)
+  rng = np.random.default_rng(0)
+  noisy = lambda: 2.0 * c**-0.15 * np.exp(rng.normal(0.0, 0.03, c.shape))  # 3% noise.
+  fit = scaling.power_law_fit(c, noisy())
+  lo, hi = fit["b_ci"]
+  assert lo < -0.15 < hi and fit["a_ci"][0] < 2.0 < fit["a_ci"][1]
+  assert not lo < -0.18 < hi and not lo < -0.12 < hi  # A wrong exponent is outside.
+  assert fit["level"] == 0.95 and 0 < hi - lo < 0.02
+  # A 95% interval: it holds the truth in about 95% of noisy draws of 4 points (a too narrow
+  # or too wide one, e.g. with a normal quantile or the residual variance over n, would not).
+  c = np.geomspace(1e2, 1e6, 4)  # `noisy` draws at these now.
+  hits = [np.clip(-0.15, *scaling.power_law_fit(c, noisy())["b_ci"]) == -0.15 for _ in range(2000)]
+  assert 0.935 < np.mean(hits) < 0.965
+
+
+def _chinchilla_runs(sizes_around=(0.15, 0.4, 1.0, 2.5, 7.0), budgets=(1e18, 1e19, 1e20, 1e21)):
+  """Runs whose final loss follows Chinchilla's fit L = E + A/N^a + B/D^b, C = 6 N D: the
+  compute-optimal size is N_opt = G (C/6)^(b/(a+b)) exactly."""
+  E, A, a, B, b = 1.69, 406.4, 0.34, 410.7, 0.28
+  G = (a * A / (b * B)) ** (1 / (a + b))
+  runs = []
+  for c in budgets:
+    n_opt = G * (c / 6) ** (b / (a + b))
+    for f in sizes_around:  # Not symmetric about the optimum: the parabola is not exact.
+      n = n_opt * f
+      loss = E + A / n**a + B / (c / (6 * n)) ** b
+      run = dict(label=f"{f}", family="p2", status="finished", budget_gflops=c, params=n)
+      runs.append(dict(run, train_gflops=c, final_loss=loss, eval={"digits_fd": 10 * loss}))
+  return runs, b / (a + b)
+
+
+def test_isoflop_optimum_and_compute_optimal_exponent():
+  runs, exponent = _chinchilla_runs()
+  result = scaling.analyse(runs, "digits_fd")
+  curves = result["isoflops"]
+  assert len(curves) == 4 and all(c["interior"] for c in curves)
+  for c in curves:
+    truth = next(
+      r["params"] for r in runs if r["budget_gflops"] == c["budget_gflops"] and r["label"] == "1.0"
+    )
+    assert c["opt_params"] == pytest.approx(truth, rel=0.15)
+    assert c["opt_value"] <= min(c["values"]) + 1e-3
+  fit = result["optimal_size"]["p2"]["fit"]
+  assert fit["b"] == pytest.approx(exponent, abs=0.01) and fit["n"] == 4
+  # The frontier: the best loss per budget, falling with compute; the eval metric's too.
+  assert result["frontier"]["final_loss"] == [
+    [c["budget_gflops"], min(c["values"])] for c in curves
+  ]
+  assert [c for c, _ in result["frontier"]["final_loss"]] == [1e18, 1e19, 1e20, 1e21]
+  assert result["fit_loss"]["b"] < 0 and result["fit_eval"]["b"] == pytest.approx(
+    result["fit_loss"]["b"]
+  )
+  # Sizes all on one side of the optimum: the best run, flagged at the edge, and not fitted.
+  edge = scaling.analyse(_chinchilla_runs(sizes_around=(2.0, 4.0, 8.0))[0], "digits_fd")
+  assert not any(c["interior"] for c in edge["isoflops"])
+  assert all(c["opt_params"] == min(c["params"]) for c in edge["isoflops"])
+  assert (
+    edge["optimal_size"]["p2"]["fit"] is None and len(edge["optimal_size"]["p2"]["at_edge"]) == 4
+  )
 
 
 def test_scaled_presets():
@@ -178,31 +253,108 @@ def _is_png(path):
   return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # Over 20 s on 2 cores; the fast tests cover the parts.
 def test_two_point_sweep_end_to_end(tmp_path):
   spec = [
     {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4},
     {"model.hidden_size": 64, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4},
   ]
   out = tmp_path / "out" / "scaling"
-  results = scaling.run_sweep(spec, str(tmp_path / "runs"), str(out), base_spec=DIGITS, common=TINY)
+  results = scaling.run_study(spec, str(tmp_path / "runs"), str(out), base_spec=DIGITS, common=TINY)
   saved = json.loads((tmp_path / "out" / "scaling.json").read_text())
   assert _is_png(tmp_path / "out" / "scaling.png")
   assert len(saved["runs"]) == 2 and all(r["finished"] for r in saved["runs"])
   small, big = saved["runs"]
   assert small["params"] < big["params"]
   for r in saved["runs"]:
-    # Training compute = dit.info's per-image train FLOPs x batch x steps.
+    # Training compute = the per-image train FLOPs x batch x steps.
     assert r["train_gflops"] == pytest.approx(r["gflops_train_per_image"] * 8 * 3)
     assert r["steps"] == 3 and np.isfinite(r["final_loss"])
     assert 0.0 <= r["eval"]["accuracy"] <= 1.0 and r["eval"]["digits_fd"] > 0
     assert r["curve"][-1][0] == pytest.approx(r["train_gflops"])
+    assert (Path(r["workdir"]) / "result.json").exists()
   assert saved["fit_loss"]["r2"] == pytest.approx(1.0)  # Two points fit exactly.
-  assert saved["fit_eval"] is not None
-  # Re-plotting from the run directories alone gives the same table.
-  again = scaling.run_sweep(
+  assert saved["fit_eval"] is not None and saved["isoflops"] == []
+  # Re-plotting from the run directories alone gives the same table (and trains nothing).
+  again = scaling.run_study(
     spec, str(tmp_path / "runs"), str(out), base_spec=DIGITS, common=TINY, train=False
   )
   assert again["runs"] == results["runs"]
+
+
+def _fake_train(config, workdir):
+  """A stand-in for dit.train: loss rows of L = 1 + (N0/N)^0.5 + (D0/D)^0.5 (N params, D
+  images seen), so that the isoFLOP optimum lies inside the sizes of the test below."""
+  from dit import checkpoint
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_config(workdir, config)
+  n = scaling.train_gflops(config)["params"]
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step in range(1, config.total_steps + 1):
+      loss = 1 + (1e5 / n) ** 0.5 + (1750 / (step * config.batch_size)) ** 0.5
+      f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def test_isoflop_study_through_the_sweep(tmp_path):
+  models = [
+    {"model.hidden_size": h, "model.depth": 1, "model.num_heads": 2, "model.patch_size": 4}
+    for h in (32, 64, 128, 256)
+  ]
+  budgets = [5.0, 10.0, 20.0]
+  kwargs = dict(base_spec=DIGITS, common=TINY, budgets=budgets, evaluate=False)
+  root, out = str(tmp_path / "runs"), str(tmp_path / "study")
+  results = scaling.run_study(models, root, out, train_fn=_fake_train, **kwargs)
+  runs = results["runs"]
+  assert len(runs) == 12 and all(r["finished"] for r in runs)
+  for r in runs:  # Each run's steps spend its budget: compute within half a step of it.
+    per_step = r["gflops_train_per_image"] * 8
+    assert abs(r["train_gflops"] - r["budget_gflops"]) <= per_step / 2
+    assert r["overrides"]["total_steps"] == r["steps"]
+  assert len(os.listdir(root)) == 12  # One workdir per (model, budget).
+  curves = results["isoflops"]
+  assert [c["budget_gflops"] for c in curves] == budgets and all(c["interior"] for c in curves)
+  opt = results["optimal_size"]["p4"]
+  assert opt["compute"] == budgets and opt["params"] == sorted(opt["params"])
+  assert 0.3 < opt["fit"]["b"] < 0.7  # N_opt ~ C^0.5 for equal exponents.
+  assert results["fit_loss"]["b"] < 0 and results["fit_loss"]["b_ci"] is not None
+  assert _is_png(tmp_path / "study.png")
+  # --plot_only: the same JSON from the run directories, and the figure from that JSON.
+  saved = (tmp_path / "study.json").read_text()
+  (tmp_path / "study.png").unlink()
+  scaling.run_study(models, root, out, train=False, train_fn=_fake_train, **kwargs)
+  assert (tmp_path / "study.json").read_text() == saved and _is_png(tmp_path / "study.png")
+  scaling.plot_study(str(tmp_path / "study.json"), str(tmp_path / "again.png"))
+  assert _is_png(tmp_path / "again.png")
+  with pytest.raises(cli.UserError, match="Budget 1e-06 GFLOPs is less than one step"):
+    scaling.run_study(models, root, out, **{**kwargs, "budgets": [1e-6]})
+
+
+def test_shared_plot_helpers(tmp_path):
+  """ablations' and flow_vs_eps' curves through experiments/plots.py."""
+  from experiments import flow_vs_eps, plots
+
+  records = [
+    {"overrides": {"sample.sampler": s, "sample.steps": n}, "digits_fd": 10 / n, "accuracy": 0.9}
+    for s in ("ddim", "euler")
+    for n in (10, 5)
+  ]
+  ablations.plot_sampler_nfe(records, str(tmp_path / "a.png"))
+  flow = [
+    dict(model=m, sampler="euler", nfe=n, digits_fd=5.0 / n, accuracy=0.95)
+    for m in flow_vs_eps.MODELS
+    for n in (8, 4)
+  ]
+  flow_vs_eps.plot(flow, str(tmp_path / "f.png"))
+  assert _is_png(tmp_path / "a.png") and _is_png(tmp_path / "f.png")
+  fig, ax = plots.pyplot().subplots()
+  steps = lambda r: r["overrides"]["sample.steps"]
+  sampler = lambda r: r["overrides"]["sample.sampler"]
+  no_y = {"overrides": {"sample.sampler": "x", "sample.steps": 1}}
+  labels = plots.lines(ax, [*records, no_y], steps, "digits_fd", by=sampler)
+  assert labels == ["ddim", "euler"]  # A record without the y key is left out.
+  assert [list(line.get_xdata()) for line in ax.lines] == [[5, 10], [5, 10]]  # Sorted by x.
+  plots.save(fig, str(tmp_path / "p.png"))
 
 
 @pytest.mark.slow  # The sweep path is covered by test_two_point_sweep_end_to_end.
