@@ -238,6 +238,7 @@ def test_bad_inputs_are_named():
     no_pool.apply({"params": p0}, x, t, {"text": np.concatenate([text, text], 1)})
 
 
+@pytest.mark.slow  # About 15 s; the parity tests cover dropped rows.
 def test_padding_pooled_mean_and_null_caption():
   """pooled_channels=0: the pooled vector is the mean of the real tokens, and the attention
   skips the padding; dropped rows see the whole learned null caption."""
@@ -262,6 +263,7 @@ def test_padding_pooled_mean_and_null_caption():
   np.testing.assert_allclose(_apply(model, params, x, t, {}), dropped, atol=1e-5)  # No text.
 
 
+@pytest.mark.slow  # About 28 s; tests/test_scan.py checks two-stream carries.
 def test_scan_and_remat_compute_the_same():
   """Scanned, rematerialised (unrolled or scanned): the same outputs and gradients."""
   x, t, text, _, mask = _inputs()

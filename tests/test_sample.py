@@ -70,6 +70,7 @@ def _run(*args):
   )
 
 
+@pytest.mark.slow  # About 20 s; tests/test_convert.py checks the conversion itself.
 def test_convert_command_then_sample(official, tmp_path):
   path, params = official
   workdir = tmp_path / "dit"

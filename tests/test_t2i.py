@@ -189,6 +189,7 @@ def test_missing_model_files_are_listed(tmp_path):
     generate.check_model_dirs(t2i_config(vae__path=str(tmp_path / "nowhere")))
 
 
+@pytest.mark.slow  # About 27 s; tests/test_flux.py samples a prompt through dit.sample.
 def test_sample_command_with_prompts(trained, tmp_path):
   _, workdir = trained
   out = tmp_path / "seven.png"
