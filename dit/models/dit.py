@@ -37,6 +37,8 @@ from dit.models.layers import (
   NORMS,
   Mlp,
   TimestepEmbedder,
+  check_image_and_time,
+  check_text,
   normal_02,
   scale_shift_init,
   sincos_pos_embed_2d,
@@ -238,21 +240,7 @@ class DiT(nn.Module):
         )
 
   def _check_inputs(self, x, t, cond):
-    if x.ndim != 4:
-      raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
-    b, h, w, c = x.shape
-    p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(
-        f"image size (H, W) = ({h}, {w}) must be divisible by patch_size={p}; "
-        f"expected multiples of {p} such as ({self.input_size}, {self.input_size})"
-      )
-    if c != self.in_channels:
-      raise ValueError(
-        f"x has {c} channels, expected in_channels={self.in_channels} (got shape {x.shape})"
-      )
-    if jnp.shape(t) != (b,):
-      raise ValueError(f"t must have shape (B,) = ({b},), got {jnp.shape(t)}")
+    b = check_image_and_time(self, x, t)
     if "label" in cond and jnp.shape(cond["label"]) != (b,):
       raise ValueError(f"cond['label'] must have shape ({b},), got {jnp.shape(cond['label'])}")
     if "drop" in cond and jnp.shape(cond["drop"]) != (b,):
@@ -262,18 +250,7 @@ class DiT(nn.Module):
         "guidance_embedding=True needs cond['guidance'] (the guidance scale) of shape "
         f"({b},), got {jnp.shape(cond['guidance']) if 'guidance' in cond else 'none'}"
       )
-    if "text" in cond:
-      text = cond["text"]
-      if text.ndim != 3 or text.shape[0] != b or text.shape[2] != self.caption_channels:
-        raise ValueError(
-          f"cond['text'] must be (B, L, caption_channels) = ({b}, L, {self.caption_channels}), "
-          f"got {text.shape}"
-        )
-      if "text_mask" in cond and jnp.shape(cond["text_mask"]) != text.shape[:2]:
-        raise ValueError(
-          f"cond['text_mask'] must be (B, L) = {text.shape[:2]} to match cond['text'], "
-          f"got {jnp.shape(cond['text_mask'])}"
-        )
+    check_text(cond, b, self.caption_channels)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: Mapping | None = None) -> jax.Array:

@@ -51,6 +51,7 @@ from dit.models import hub_files, layouts, repeat, rope
 from dit.models.attention import dot_product_attention
 from dit.models.layers import (
   Mlp,
+  check_image_and_time,
   modulate,
   normal_02,
   plain_layer_norm,
@@ -323,16 +324,7 @@ class Flux(nn.Module):
       raise ValueError(f"remat_policy={self.remat_policy!r} needs scan=True")
 
   def _check_inputs(self, x, t, cond) -> None:
-    if x.ndim != 4:
-      raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
-    b, h, w, c = x.shape
-    p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image size (H, W) = ({h}, {w}) must be divisible by patch_size={p}")
-    if c != self.in_channels:
-      raise ValueError(f"x has {c} channels, expected in_channels={self.in_channels}")
-    if jnp.shape(t) != (b,):
-      raise ValueError(f"t must have shape (B,) = ({b},), got {jnp.shape(t)}")
+    b = check_image_and_time(self, x, t)
     if "text" not in cond:
       raise ValueError(
         f"Flux needs cond['text'] (B, L, caption_channels) = ({b}, L, {self.caption_channels}); "

@@ -182,3 +182,42 @@ def feed_forward(
   if kind == "swiglu":
     return SwiGLU(swiglu_hidden(hidden_size, mlp_ratio), hidden_size, dtype, name=name)
   return Mlp(int(hidden_size * mlp_ratio), hidden_size, dtype, name=name)
+
+
+def check_image_and_time(model: nn.Module, x: jax.Array, t: jax.Array) -> int:
+  """ValueError unless x is (B, H, W, model.in_channels) with H, W multiples of
+  model.patch_size and t is (B,); returns B. Shared by every architecture's input checks."""
+  if x.ndim != 4:
+    raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
+  b, h, w, c = x.shape
+  p = model.patch_size
+  if h % p or w % p:
+    raise ValueError(
+      f"image size (H, W) = ({h}, {w}) must be divisible by patch_size={p}; "
+      f"expected multiples of {p} such as ({model.input_size}, {model.input_size})"
+    )
+  if c != model.in_channels:
+    raise ValueError(
+      f"x has {c} channels, expected in_channels={model.in_channels} (got shape {x.shape})"
+    )
+  if jnp.shape(t) != (b,):
+    raise ValueError(f"t must have shape (B,) = ({b},), got {jnp.shape(t)}")
+  return b
+
+
+def check_text(cond: dict, b: int, caption_channels: int) -> None:
+  """ValueError unless cond["text"] (if given) is (B, L, caption_channels) and
+  cond["text_mask"] (if given) is (B, L)."""
+  if "text" not in cond:
+    return
+  text = cond["text"]
+  if jnp.ndim(text) != 3 or text.shape[0] != b or text.shape[2] != caption_channels:
+    raise ValueError(
+      f"cond['text'] must be (B, L, caption_channels) = ({b}, L, {caption_channels}), "
+      f"got {jnp.shape(text)}"
+    )
+  if "text_mask" in cond and jnp.shape(cond["text_mask"]) != text.shape[:2]:
+    raise ValueError(
+      f"cond['text_mask'] must be (B, L) = {text.shape[:2]} to match cond['text'], "
+      f"got {jnp.shape(cond['text_mask'])}"
+    )

@@ -50,6 +50,8 @@ from dit.models.blocks import BlockSettings, Modulation
 from dit.models.layers import (
   Mlp,
   TimestepEmbedder,
+  check_image_and_time,
+  check_text,
   modulate,
   normal_02,
   plain_layer_norm,
@@ -309,26 +311,13 @@ class MMDiT(nn.Module):
       raise ValueError(f"remat_policy={self.remat_policy!r} needs scan=True")
 
   def _check_inputs(self, x, t, cond):
-    if x.ndim != 4:
-      raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
-    b, h, w, c = x.shape
-    p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(
-        f"image size (H, W) = ({h}, {w}) must be divisible by patch_size={p}; "
-        f"expected multiples of {p} such as ({self.input_size}, {self.input_size})"
-      )
-    if c != self.in_channels:
-      raise ValueError(
-        f"x has {c} channels, expected in_channels={self.in_channels} (got shape {x.shape})"
-      )
+    b = check_image_and_time(self, x, t)
+    h, w, p = x.shape[1], x.shape[2], self.patch_size
     m = self.pos_embed_max_size
     if m and (h // p > m or w // p > m):
       raise ValueError(
         f"image grid (H / p, W / p) = ({h // p}, {w // p}) exceeds pos_embed_max_size={m}"
       )
-    if jnp.shape(t) != (b,):
-      raise ValueError(f"t must have shape (B,) = ({b},), got {jnp.shape(t)}")
     if "drop" in cond and jnp.shape(cond["drop"]) != (b,):
       raise ValueError(f"cond['drop'] must have shape ({b},), got {jnp.shape(cond['drop'])}")
     if self.guidance_embedding and jnp.shape(cond.get("guidance")) != (b,):
@@ -336,18 +325,9 @@ class MMDiT(nn.Module):
         "guidance_embedding=True needs cond['guidance'] (the guidance scale) of shape "
         f"({b},), got {jnp.shape(cond['guidance']) if 'guidance' in cond else 'none'}"
       )
+    check_text(cond, b, self.caption_channels)
     if "text" in cond:
       text = cond["text"]
-      if text.ndim != 3 or text.shape[0] != b or text.shape[2] != self.caption_channels:
-        raise ValueError(
-          f"cond['text'] must be (B, L, caption_channels) = ({b}, L, {self.caption_channels}), "
-          f"got {text.shape}"
-        )
-      if "text_mask" in cond and jnp.shape(cond["text_mask"]) != text.shape[:2]:
-        raise ValueError(
-          f"cond['text_mask'] must be (B, L) = {text.shape[:2]} to match cond['text'], "
-          f"got {jnp.shape(cond['text_mask'])}"
-        )
       if self.null_caption == "learned" and text.shape[1] > self.caption_length:
         raise ValueError(
           f"cond['text'] has {text.shape[1]} tokens, more than caption_length="
