@@ -7,6 +7,8 @@ block is traced however deep the model; and remat saves memory in the compiled b
 pass, unrolled and scanned (it did not before: docs/performance.md).
 """
 
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -20,6 +22,9 @@ import pytest
 
 from dit.models import flops, repeat
 from dit.models.dit import BLOCKS, DiT, example_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For `benchmarks`.
+from benchmarks import compile as compile_bench  # noqa: E402
 
 # Depth 2: a wrong block order or a block run twice changes the result.
 TINY = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2)
@@ -253,20 +258,6 @@ def test_stacked_params_give_the_unrolled_outputs_and_grads():
     jax.eval_shape(lambda p: model.clone(scan=True).apply({"params": p}, x, t, cond), one)
 
 
-def _eqns(jaxpr) -> int:
-  """Equations of a jaxpr, those of its sub-jaxprs (scan and cond bodies, ...) included."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += 1
-    for value in eqn.params.values():
-      for v in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(v, jax.extend.core.ClosedJaxpr):
-          n += _eqns(v.jaxpr)
-        elif isinstance(v, jax.extend.core.Jaxpr):
-          n += _eqns(v)
-  return n
-
-
 def test_scanned_train_step_does_not_grow_with_depth():
   """The whole train step (loss, grads, AdamW, EMA, NaN guard) traces to the same program at
   depth 2 and 6 when scanned: the state is stacked, so no per-block stack, slice, optimizer
@@ -283,7 +274,7 @@ def test_scanned_train_step_does_not_grow_with_depth():
       "image": jax.ShapeDtypeStruct((8, size, size, 1), jnp.float32),
       "label": jax.ShapeDtypeStruct((8,), jnp.int32),
     }
-    return _eqns(s.step.trace(s.abstract_state, batch, s.frozen).jaxpr.jaxpr)
+    return compile_bench.jaxpr_eqns(s.step.trace(s.abstract_state, batch, s.frozen).jaxpr.jaxpr)
 
   assert eqns(2, True) == eqns(6, True)
 
