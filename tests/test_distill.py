@@ -252,6 +252,7 @@ def test_student_resume_is_bit_exact(runs, tmp_path):
   tree_equal(jax.device_get(resumed), state)
 
 
+@pytest.mark.slow  # About 14 s; the default run's budget.
 def test_lcm_sampling_of_the_student(runs, tmp_path):
   """dit.sample --sampler=lcm --steps=1..8 from the student's workdir (config.json)."""
   _, student, _ = runs

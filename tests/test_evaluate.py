@@ -20,6 +20,7 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # About 10 s; the default run's budget.
 def test_evaluate_command_writes_eval_json(trained):
   result = run_cli(
     "dit.evaluate",

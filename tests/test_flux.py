@@ -301,6 +301,7 @@ def test_converted_flux_samples_as_diffusers(tmp_path):
   assert images.shape == (B, H, H, C) and bool(jnp.isfinite(images).all())
 
 
+@pytest.mark.slow  # About 25 s; the default run's budget.
 def test_t2i_flux_config_trains_and_samples(tmp_path, monkeypatch, capsys):
   """configs/t2i_flux.py, tiny: two train steps through dit.train, a prompt through dit.sample."""
   from test_early_checks import run_command_here

@@ -66,6 +66,7 @@ def fast_run(tmp_path_factory):
   return tmp_path_factory.mktemp("notebook") / "run"
 
 
+@pytest.mark.slow  # About 29 s; the default run's budget.
 def test_explore_runs_top_to_bottom(fast_run, monkeypatch):
   nb = _execute("explore.ipynb", fast_run, monkeypatch)
   assert (fast_run / "metrics.jsonl").exists()
@@ -74,7 +75,7 @@ def test_explore_runs_top_to_bottom(fast_run, monkeypatch):
   )
 
 
-@pytest.mark.slow  # The notebook machinery is covered by test_explore_runs_top_to_bottom.
+@pytest.mark.slow  # Like test_explore_runs_top_to_bottom (-m slow runs both notebooks).
 def test_samplers_runs_top_to_bottom_on_explores_run(fast_run, monkeypatch):
   if not (fast_run / "ckpt").is_dir():
     pytest.skip("needs test_explore_runs_top_to_bottom's run")
