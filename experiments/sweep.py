@@ -154,24 +154,38 @@ def parse_grid(base: ml_collections.ConfigDict, items: Sequence[str]) -> dict[st
   """{dotted key: [values]} of --grid items "key=v1,v2,..." (values typed by the base config,
   as --config.key=value is; DiT fields absent from the config by their defaults).
 
+  An item "k1:k2=a1:a2,b1:b2" is one axis over several keys that change together (e.g. the
+  width and the head count, so that the head dimension stays): its key is "k1:k2" and its
+  values are tuples.
+
   Raises UserError for an item that is not key=v1,..., an empty value, a key given twice, a
-  value listed twice, or a key or value the config rejects.
+  value listed twice, a joint value with the wrong number of parts, or a key or value the
+  config rejects.
   """
   grid: dict[str, list] = {}
   for item in items:
     key, sep, text = item.partition("=")
     key = key.strip()
-    if not sep or not key or not text.strip():
+    keys = [k.strip() for k in key.split(":")]
+    if not sep or not all(keys) or not text.strip():
       raise UserError(
         f"--grid={item!r} is not of the form key=v1,v2,... (e.g. optim.lr=1e-4,3e-4)."
       )
-    if key in grid:
+    if key in grid or any(k in _grid_keys(grid) for k in keys) or len(set(keys)) < len(keys):
       raise UserError(f"--grid gives {key!r} twice; list all its values in one --grid.")
     values = []
     for value in _split_values(text):
-      if not value:
+      parts = value.split(":") if len(keys) > 1 else [value]
+      if not all(parts):
         raise UserError(f"--grid={item!r} has an empty value.")
-      parsed = cli.parse_overrides(base, [f"{key}={value}"], defaults=MODEL_DEFAULTS)[key]
+      if len(parts) != len(keys):
+        raise UserError(
+          f"--grid={item!r}: value {value!r} has {len(parts)} parts, expected {len(keys)} "
+          f"(one per key of {key!r}, joined by ':')."
+        )
+      overrides = [f"{k}={v}" for k, v in zip(keys, parts, strict=True)]
+      parsed = cli.parse_overrides(base, overrides, defaults=MODEL_DEFAULTS)
+      parsed = tuple(parsed[k] for k in keys) if len(keys) > 1 else parsed[key]
       if parsed in values:
         raise UserError(f"--grid={item!r} lists {parsed!r} twice.")
       values.append(parsed)
@@ -179,10 +193,21 @@ def parse_grid(base: ml_collections.ConfigDict, items: Sequence[str]) -> dict[st
   return grid
 
 
+def _grid_keys(grid: Mapping[str, Sequence]) -> list[str]:
+  """The config keys a grid sets (a joint axis "k1:k2" sets k1 and k2)."""
+  return [k for key in grid for k in key.split(":")]
+
+
 def grid_arms(grid: Mapping[str, Sequence]) -> list[dict[str, Any]]:
   """The product of the grids, one override dict per arm; the first key varies slowest."""
-  keys = list(grid)
-  return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
+  arms = []
+  for combo in itertools.product(*grid.values()):
+    arm = {}
+    for key, value in zip(grid, combo, strict=True):
+      keys = key.split(":")
+      arm.update(zip(keys, value if len(keys) > 1 else [value], strict=True))
+    arms.append(arm)
+  return arms
 
 
 # ---- Reading runs back -------------------------------------------------------------------
@@ -208,7 +233,8 @@ def read_json(path: str) -> Any | None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of workdir/metrics.jsonl (a resumed run may repeat steps: the last one wins)."""
+  """The rows of workdir/metrics.jsonl, one per step: the training row and the evaluation row
+  (eval/...) of a step are merged; a resumed run may repeat steps: the last value wins."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
@@ -221,12 +247,13 @@ def read_metrics(workdir: str) -> list[dict]:
           row = json.loads(line)
         except json.JSONDecodeError:  # A line torn by a kill: the rerun rewinds it.
           continue
-        rows[row["step"]] = row
+        rows.setdefault(row["step"], {}).update(row)
   return [rows[s] for s in sorted(rows)]
 
 
 def final_loss(rows: list[dict], fraction: float = 0.1) -> float | None:
   """Mean logged training loss over the last `fraction` of the logged steps (less noisy)."""
+  rows = [r for r in rows if "loss" in r]  # Not the evaluation-only rows.
   if not rows:
     return None
   last = rows[-1]["step"]
@@ -554,9 +581,9 @@ def main(argv):
   base = FLAGS.config
   base.lock()
   grid = parse_grid(base, FLAGS.grid)
-  x = FLAGS.x or next(iter(grid), None)
-  if x and x not in grid:
-    raise UserError(f"--x={x!r} is not a --grid key; expected one of {list(grid)}.")
+  x = FLAGS.x or next(iter(_grid_keys(grid)), None)
+  if x and x not in _grid_keys(grid):
+    raise UserError(f"--x={x!r} is not a --grid key; expected one of {_grid_keys(grid)}.")
   out = FLAGS.out or os.path.join(FLAGS.workdir, "sweep")
   header = {
     "config": flags.FLAGS["config"].config_filename,

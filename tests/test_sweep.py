@@ -76,6 +76,24 @@ def test_parse_grid_types_values_and_product_order():
   assert sweep._split_values("(1, 2),[3,4],'a,b', x") == ["(1, 2)", "[3,4]", "'a,b'", "x"]
 
 
+def test_joint_grid_axis_sets_its_keys_together():
+  base = cli.load_config(DIGITS)
+  items = ["model.hidden_size:model.num_heads=64:2,128:4", "optim.lr=1e-3,1e-2"]
+  grid = sweep.parse_grid(base, items)
+  assert grid == {
+    "model.hidden_size:model.num_heads": [(64, 2), (128, 4)],
+    "optim.lr": [1e-3, 1e-2],
+  }
+  arms = sweep.grid_arms(grid)
+  assert arms == [
+    {"model.hidden_size": 64, "model.num_heads": 2, "optim.lr": 1e-3},
+    {"model.hidden_size": 64, "model.num_heads": 2, "optim.lr": 1e-2},
+    {"model.hidden_size": 128, "model.num_heads": 4, "optim.lr": 1e-3},
+    {"model.hidden_size": 128, "model.num_heads": 4, "optim.lr": 1e-2},
+  ]
+  assert sweep._grid_keys(grid) == ["model.hidden_size", "model.num_heads", "optim.lr"]
+
+
 @pytest.mark.parametrize(
   "items, message",
   [
@@ -86,6 +104,9 @@ def test_parse_grid_types_values_and_product_order():
     (["optim.lr=1e-3,0.001"], "lists 0.001 twice"),
     (["optim.lrr=1"], r"Unknown config key 'optim.lrr': 'optim' has keys"),
     (["model.depth=2,two"], "'model.depth' takes a value of type int"),
+    (["model.hidden_size:model.num_heads=64:2,128"], "value '128' has 1 parts, expected 2"),
+    (["model.depth=2", "model.depth:seed=3:1"], "gives 'model.depth:seed' twice"),
+    (["model.depth:seed=2:1,2:1"], r"lists \(2, 1\) twice"),
   ],
 )
 def test_parse_grid_errors(items, message):
