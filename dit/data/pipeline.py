@@ -106,11 +106,11 @@ def collate(records: Sequence[dict]) -> Batch:
 
 
 def collate_arrays(batch: Batch) -> Batch:
-  """Casts "label", "text_mask" to int32 and "image", "latent", "text" to float32."""
+  """Casts "label", "text_mask" to int32 and "image", "latent", "text", "repa" to float32."""
   for key in ("label", "text_mask"):
     if key in batch:
       batch[key] = np.asarray(batch[key]).astype(np.int32, copy=False)
-  for key in ("image", "latent", "text"):
+  for key in ("image", "latent", "text", "repa"):
     if key in batch:
       batch[key] = np.asarray(batch[key]).astype(np.float32, copy=False)
   return batch
@@ -160,7 +160,9 @@ class Loader:
     """One record, decoded and preprocessed to `size` (height, width) or the square resolution."""
     out = dict(record)
     if "latent" in record:
-      out["latent"] = record["latent"][int(flip)]
+      for key in ("latent", "repa"):  # Stored as [unflipped, flipped].
+        if key in record:
+          out[key] = record[key][int(flip)]
       return out
     image = record["image"]
     if isinstance(image, np.ndarray) and image.dtype == np.float32:

@@ -1,15 +1,18 @@
-"""Encode a dataset once (VAE latents of both flips, T5 embeddings): the writer and its command.
+"""Encode a dataset once (VAE latents of both flips, T5 embeddings, REPA features): the writer.
 
   python -m dit.data.precompute --config=configs/imagenet256_dit.py --out=DIR \
-      [--vae=DIR] [--t5=DIR] [--batch_size=64] [--shard_size=4096] [--dtype=float16]
+      [--vae=DIR] [--t5=DIR] [--repa_encoder=DIR [--repa_resolution=224]] \
+      [--batch_size=64] [--shard_size=4096] [--dtype=float16]
 
 Output (fast-DiT style, one sample of the VAE posterior per image and flip): meta.json and
-.npy shards of latents (both flips), labels and optional text embeddings, in the layout of
-dit/data/precomputed.py, whose `PrecomputedSource(DIR)` reads them back through memory maps
-(the fast training path, `config.data.name = "precomputed"`). Process p of P writes shards
-s = p (mod P); finished shards are skipped, so a killed run resumes where it stopped.
+.npy shards of latents (both flips), labels, optional text embeddings and optional DINOv2
+patch features of both flips (REPA's targets), in the layout of dit/data/precomputed.py,
+whose `PrecomputedSource(DIR)` reads them back through memory maps (the fast training path,
+`config.data.name = "precomputed"`). Process p of P writes shards s = p (mod P); finished
+shards are skipped, so a killed run resumes where it stopped (with the same REPA encoder).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,12 +29,121 @@ from tqdm import tqdm
 from dit.data.pipeline import Loader, make_source
 from dit.data.precomputed import FIELDS, META, PrecomputedSource, shard_name
 
-__all__ = ["FIELDS", "META", "PrecomputedSource", "load_encoders", "precompute", "shard_name"]
+__all__ = [
+  "FIELDS",
+  "META",
+  "PrecomputedSource",
+  "RepaEncoder",
+  "load_encoders",
+  "load_repa_encoder",
+  "precompute",
+  "shard_name",
+]
 
 # The format names live in dit.data.precomputed; they stay importable from here too.
 
 EncodeImages = Callable[[np.ndarray, Any], np.ndarray]  # (B,H,W,3) [-1,1], key -> (B,h,w,c)
 EncodeText = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # -> (B,L,D), (B,L)
+
+
+class _RepaError(ValueError):
+  """REPA features that the data or the output directory rule out (one line on the CLI)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RepaEncoder:
+  """A frozen DINOv2's patch features (REPA's targets); `load_repa_encoder` builds it.
+
+  Called on images (B, H, W, C) float in [-1, 1] (C = the encoder's num_channels, or 1 for an
+  RGB encoder: grey repeated), returns (B, Np, D) float32: `dinov2.make_features(config,
+  resolution=resolution or None, value_range=(-1, 1), antialias=False)(params, images)
+  ["patch"]`, jitted once.
+  """
+
+  path: str  # The Hugging Face DINOv2 directory, absolute.
+  resolution: int  # Encoder input size; 0: the images' own size (no resize).
+  config: Any  # dit.models.dinov2.Dinov2Config
+  params: Any
+  features: Callable[[Any, Any], Any]  # jitted (params, images) -> (B, Np, D)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    return np.asarray(self.features(self.params, jnp.asarray(images, jnp.float32)), np.float32)
+
+  def record(self, image_size: int, channels: int) -> dict:
+    """meta.json's "repa" for (image_size, image_size, channels) images: {"encoder",
+    "resolution" (the size the encoder sees), "tokens" Np, "dim" D}; ValueError naming the
+    encoder if it cannot take such images. Traces only (no encoding)."""
+    c = self.config
+    # preprocess repeats grey to RGB; any other mismatch reaches the patch conv.
+    if channels != c.num_channels and (channels, c.num_channels) != (1, 3):
+      raise _RepaError(
+        f"REPA encoder {self.path!r} takes {c.num_channels}-channel images, the data has "
+        f"{channels} channels; expected the same, or grey data (1) with an RGB encoder (3)"
+      )
+    size = self.resolution or image_size
+    if not self.resolution and image_size % c.patch_size:
+      raise _RepaError(
+        f"REPA encoder {self.path!r} has patch size {c.patch_size}, which does not divide the "
+        f"data resolution {image_size}; set --repa_resolution to a multiple of {c.patch_size}"
+      )
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+    try:
+      out = jax.eval_shape(self.features, self.params, images)
+    except (ValueError, TypeError) as e:
+      raise _RepaError(
+        f"REPA encoder {self.path!r} cannot take {image_size}x{image_size}x{channels} images: {e}"
+      ) from e
+    return {"encoder": self.path, "resolution": size, "tokens": out.shape[1], "dim": out.shape[2]}
+
+
+def load_repa_encoder(path: str, resolution: int = 0) -> RepaEncoder:
+  """The DINOv2 of Hugging Face directory `path` as a RepaEncoder (see there).
+
+  resolution: encoder input size, a positive multiple of its patch size; 0: no resize.
+  Raises (FileNotFoundError / ValueError) on a missing or invalid directory or resolution,
+  before anything is encoded.
+  """
+  from dit.models import dinov2
+
+  if resolution < 0:
+    raise ValueError(f"REPA resolution must be >= 0 (0: the data resolution), got {resolution}")
+  config, params = dinov2.load_dinov2(path)
+  feats = dinov2.make_features(
+    config, resolution=resolution or None, value_range=(-1.0, 1.0), antialias=False
+  )
+  patch = jax.jit(lambda params, images: feats(params, images)["patch"])
+  return RepaEncoder(os.path.abspath(path), resolution, config, params, patch)
+
+
+def _check_repa_resume(out_dir: str, num_shards: int, repa: dict | None) -> None:
+  """ValueError if `out_dir` already holds data of other REPA features than `repa`
+  (meta.json's "repa", or, before a first run finished, the finished shards')."""
+  meta_path = os.path.join(out_dir, META)
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      old = json.load(f).get("repa")
+    if old != repa:
+      raise _RepaError(
+        f"{out_dir!r} holds REPA features {old} (meta.json), this run asks for {repa}; resume "
+        "with the same --repa_encoder and --repa_resolution, or write to a new --out"
+      )
+    return
+  done = [
+    s
+    for s in range(num_shards)
+    if os.path.exists(os.path.join(out_dir, shard_name("label", s, num_shards)))
+  ]
+  if not done:
+    return
+  name = os.path.join(out_dir, shard_name("repa", done[0], num_shards))
+  old = list(np.load(name, mmap_mode="r").shape[2:]) if os.path.exists(name) else None
+  new = None if repa is None else [repa["tokens"], repa["dim"]]
+  if old != new:
+    raise _RepaError(
+      f"{out_dir!r} holds finished shards with REPA features of shape (tokens, dim) {old}, "
+      f"this run asks for {new}; resume with the same --repa_encoder and --repa_resolution, "
+      "or write to a new --out"
+    )
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
@@ -41,9 +153,14 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
 
 
 def _encode_batch(
-  records: list[dict], key: Any, encode_images: EncodeImages, encode_text: EncodeText | None
+  records: list[dict],
+  key: Any,
+  encode_images: EncodeImages,
+  encode_text: EncodeText | None,
+  encode_repa: RepaEncoder | None = None,
 ) -> dict[str, np.ndarray]:
-  """{"latent": (B, 2, h, w, c) [unflipped, flipped], "label"[, "text", "text_mask"]}."""
+  """{"latent": (B, 2, h, w, c) [unflipped, flipped], "label"[, "text", "text_mask"]
+  [, "repa": (B, 2, Np, D) [unflipped, flipped]]}."""
   images = np.stack([r["image"] for r in records]).astype(np.float32)
   both = np.concatenate([images, images[:, :, ::-1]])
   latents = np.asarray(encode_images(both, key), np.float32)
@@ -55,6 +172,9 @@ def _encode_batch(
   if encode_text is not None and "caption" in records[0]:
     emb, mask = encode_text([r["caption"] for r in records])
     out["text"], out["text_mask"] = np.asarray(emb, np.float32), np.asarray(mask)
+  if encode_repa is not None:
+    feats = encode_repa(both)
+    out["repa"] = np.stack([feats[:b], feats[b:]], axis=1)
   return out
 
 
@@ -65,7 +185,7 @@ def _encode_shard(loader, records: range, batch_size: int, key, encoders, store,
     batch = [loader(i) for i in range(start, min(start + batch_size, records.stop))]
     batch_key = jax.random.fold_in(key, start)
     for field, array in _encode_batch(batch, batch_key, *encoders).items():
-      outs[field].append(array.astype(store if field in ("latent", "text") else np.int32))
+      outs[field].append(array.astype(store if field in ("latent", "text", "repa") else np.int32))
     bar.update(len(batch))
   return outs
 
@@ -76,6 +196,7 @@ def precompute(
   *,
   encode_images: EncodeImages,
   encode_text: EncodeText | None = None,
+  encode_repa: RepaEncoder | None = None,
   resolution: int = 256,
   channels: int = 3,
   batch_size: int = 64,
@@ -95,9 +216,14 @@ def precompute(
       Called once per batch on [images; flipped images] (2B rows).
     encode_text: list of B captions -> (embeddings (B, L, D), mask (B, L)); used when
       records have a "caption".
+    encode_repa: `load_repa_encoder(...)`: also store "repa", its patch features of both
+      flips (meta.json's "repa" records encoder, resolution and shape); checked on
+      (resolution, channels) images, and against what `out_dir` already holds, before
+      anything is encoded.
     seed: the posterior-sample key of the batch starting at record i is
       fold_in(key(seed), i): the output depends on (seed, batch_size), not on process_count.
-    dtype: storage dtype of latents and text embeddings ("float32" or "float16").
+    dtype: storage dtype of latents, text embeddings and REPA features ("float32" or
+      "float16").
     progress: a tqdm bar (images, rate, ETA) over this process's shards; finished shards
       count as done, so a resumed run's ETA covers what is left.
   """
@@ -110,12 +236,13 @@ def precompute(
   if n == 0:
     raise ValueError(f"data source {source!r} is empty")
   num_shards = -(-n // shard_size)
+  repa = None if encode_repa is None else encode_repa.record(resolution, channels)
+  _check_repa_resume(out_dir, num_shards, repa)
   loader = Loader(
     source, resolution=resolution, channels=channels, random_flip=False, on_bad_image=on_bad_image
   )
   os.makedirs(out_dir, exist_ok=True)
   key = jax.random.key(seed)
-  shapes = {}
   mine = range(process_index, num_shards, process_count)
   path = lambda field, shard: os.path.join(out_dir, shard_name(field, shard, num_shards))
   todo = [s for s in mine if not os.path.exists(path("label", s))]  # label is saved last.
@@ -124,15 +251,19 @@ def precompute(
   bar = tqdm(total=total, initial=total - left, desc="precompute", unit="img", disable=not progress)
   for shard in todo:
     lo, hi = shard * shard_size, shard * shard_size + size(shard)
-    encoders = (encode_images, encode_text)
+    encoders = (encode_images, encode_text, encode_repa)
     outs = _encode_shard(loader, range(lo, hi), batch_size, key, encoders, store, bar)
-    for field in ("latent", "text", "text_mask", "label"):
+    for field in ("latent", "text", "text_mask", "repa", "label"):
       if outs[field]:
-        array = np.concatenate(outs[field])
-        shapes[field] = list(array.shape[1:])
-        _save_atomic(path(field, shard), array)
+        _save_atomic(path(field, shard), np.concatenate(outs[field]))
     logging.info("precompute: wrote shard %d of %d (records %d..%d)", shard, num_shards, lo, hi)
   bar.close()
+  # From the shards on disk, so a resumed run (or one with nothing left to do) records them too.
+  shapes = {}
+  for field in FIELDS:
+    done = [s for s in range(num_shards) if os.path.exists(path(field, s))]
+    if done:
+      shapes[field] = list(np.load(path(field, done[0]), mmap_mode="r").shape[1:])
   meta = {
     "num_records": n,
     "shard_size": shard_size,
@@ -142,6 +273,8 @@ def precompute(
     "fields": sorted(shapes) or None,
     "shapes": shapes,
   }
+  if repa is not None:
+    meta["repa"] = repa
   if process_index == 0:
     with open(os.path.join(out_dir, META), "w") as f:
       json.dump(meta, f, indent=2)
@@ -182,28 +315,43 @@ def load_encoders(
 
 
 def main(argv: list[str]) -> None:
+  from dit.cli import UserError
+
   del argv
   f = flags.FLAGS
   cfg = f.config
+  if f.repa_resolution and not f.repa_encoder:
+    raise UserError(f"--repa_resolution={f.repa_resolution} needs --repa_encoder=DIR")
+  encode_repa = None
+  if f.repa_encoder:
+    # First, so that a bad encoder directory or resolution is reported before the VAE loads.
+    try:
+      encode_repa = load_repa_encoder(f.repa_encoder, f.repa_resolution)
+    except (FileNotFoundError, ValueError) as e:
+      raise UserError(f"--repa_encoder={f.repa_encoder}: {' '.join(str(e).split())}") from e
   encode_images, encode_text = load_encoders(f.vae, f.t5, f.text_len)
   data = cfg.data
-  meta = precompute(
-    make_source(data),
-    f.out,
-    encode_images=encode_images,
-    encode_text=encode_text,
-    resolution=data.get("resolution", 256),
-    # A VAE takes RGB; pixel-space ("identity") data keeps the config's channels.
-    channels=data.get("channels", 3) if f.vae == "identity" else 3,
-    batch_size=f.batch_size,
-    shard_size=f.shard_size,
-    seed=f.seed,
-    dtype=f.dtype,
-    process_index=f.process_index,
-    process_count=f.process_count,
-    on_bad_image=data.get("on_bad_image", "skip"),
-    progress=f.progress,
-  )
+  try:
+    meta = precompute(
+      make_source(data),
+      f.out,
+      encode_images=encode_images,
+      encode_text=encode_text,
+      encode_repa=encode_repa,
+      resolution=data.get("resolution", 256),
+      # A VAE takes RGB; pixel-space ("identity") data keeps the config's channels.
+      channels=data.get("channels", 3) if f.vae == "identity" else 3,
+      batch_size=f.batch_size,
+      shard_size=f.shard_size,
+      seed=f.seed,
+      dtype=f.dtype,
+      process_index=f.process_index,
+      process_count=f.process_count,
+      on_bad_image=data.get("on_bad_image", "skip"),
+      progress=f.progress,
+    )
+  except _RepaError as e:  # Raised before anything is encoded.
+    raise UserError(str(e)) from e
   print(json.dumps(meta))
 
 
@@ -216,6 +364,12 @@ def cli() -> None:
   flags.DEFINE_string("vae", None, "diffusers AutoencoderKL directory, or 'identity' (pixels).")
   flags.DEFINE_string("t5", None, "T5 directory, 'demo' (offline random T5), or unset: no text.")
   flags.DEFINE_integer("text_len", 120, "Tokens per caption (padded / truncated).")
+  flags.DEFINE_string(
+    "repa_encoder", None, "Hugging Face DINOv2 directory: also store its patch features (REPA)."
+  )
+  flags.DEFINE_integer(
+    "repa_resolution", 0, "DINOv2 input size, a multiple of its patch; 0: the data resolution."
+  )
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call (each call encodes 2x).")
   flags.DEFINE_integer("shard_size", 4096, "Records per shard file.")
   flags.DEFINE_integer("seed", 0, "Seed of the VAE posterior samples.")

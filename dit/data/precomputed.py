@@ -6,6 +6,9 @@ Layout of a dataset directory DIR:
   DIR/label-SSSSS-of-NNNNN.npy    (n,) int32
   DIR/text-SSSSS-of-NNNNN.npy     (n, L, D)        only with a text encoder and captions
   DIR/text_mask-SSSSS-of-NNNNN.npy (n, L) int32
+  DIR/repa-SSSSS-of-NNNNN.npy     (n, 2, Np, D)    DINOv2 patch features [unflipped, flipped],
+                                                   with --repa_encoder; meta.json's "repa"
+                                                   records encoder, resolution, Np and D
 Shard s holds records [s*shard_size, (s+1)*shard_size). The writer is dit/data/precompute.py;
 this module is the format and the reader, which needs only NumPy.
 """
@@ -16,7 +19,8 @@ import os
 import numpy as np
 
 META = "meta.json"
-FIELDS = ("latent", "label", "text", "text_mask")
+FIELDS = ("latent", "label", "text", "text_mask", "repa")
+_FLIPPED = ("latent", "repa")  # Fields stored as [unflipped, flipped] per record.
 
 
 def shard_name(field: str, shard: int, num_shards: int) -> str:
@@ -25,7 +29,8 @@ def shard_name(field: str, shard: int, num_shards: int) -> str:
 
 
 class PrecomputedSource:
-  """Random access to precomputed shards: {"latent": (2, h, w, c), "label"[, "text", "text_mask"]}.
+  """Random access to precomputed shards: {"latent": (2, h, w, c), "label"[, "text", "text_mask",
+  "repa": (2, Np, D)]}.
 
   Shards are memory-mapped, so a record read touches only its own bytes.
   """
@@ -83,18 +88,19 @@ class PrecomputedSource:
     """Vectorised read of records `indices` (B,), one gather per shard touched.
 
     Returns {"latent": (B, h, w, c), the flipped copy where `flips` (B,) bool, "label": (B,)
-    [, "text": (B, L, D), "text_mask": (B, L)]}; only the chosen flip is read from disk.
+    [, "text": (B, L, D), "text_mask": (B, L), "repa": (B, Np, D) of the same flip]}; only the
+    chosen flip is read from disk.
     """
     shards, offsets = np.divmod(np.asarray(indices, np.int64), self.shard_size)
     flips = np.asarray(flips, np.intp)
     out = {}
     for field in self.fields:
       first = self.arrays[field][0]
-      shape = first.shape[2:] if field == "latent" else first.shape[1:]
+      shape = first.shape[2:] if field in _FLIPPED else first.shape[1:]
       values = np.empty((len(indices), *shape), first.dtype)
       for shard in np.unique(shards):
         sel = shards == shard
-        if field == "latent":
+        if field in _FLIPPED:
           values[sel] = self.arrays[field][shard][offsets[sel], flips[sel]]
         else:
           values[sel] = self.arrays[field][shard][offsets[sel]]

@@ -464,8 +464,10 @@ def preprocess(
 ) -> jax.Array:
   """(B, H, W, C) images with values in value_range -> (B, r, r, 3) ImageNet-normalised.
 
-  Grey images (C = 1) are repeated to RGB. The resize (skipped when already r x r) is torch's
-  bicubic, antialiased by default (EDM2's protocol; REPA uses antialias=False).
+  Grey images (C = 1) are repeated to RGB for a 3-channel encoder; a 1-channel one gets them
+  normalised by the means of the RGB statistics, (B, r, r, 1). The resize (skipped when
+  already r x r) is torch's bicubic, antialiased by default (EDM2's protocol; REPA uses
+  antialias=False).
   """
   if images.ndim != 4:
     raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
@@ -479,6 +481,8 @@ def preprocess(
     x = resize_bicubic(x, (resolution, resolution), antialias=antialias)
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
   std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  if x.shape[-1] == 1:  # A grey encoder (e.g. a stand-in trained on digits): the RGB means.
+    mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
   return (x - mean) / std
 
 
