@@ -196,11 +196,15 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Stat
 # ---- The update step -----------------------------------------------------------------
 
 
-def make_apply(model, remat_policy: str = "") -> objectives.base.Apply:
-  """apply(params, x_t, t, cond) -> model output; with a policy, the forward is recomputed in
+def make_apply(model, remat_policy: str = "", intermediates: bool = False) -> objectives.base.Apply:
+  """apply(params, x_t, t, cond) -> model output, or (output, the intermediates the model
+  sows) with `intermediates` (REPA's projection); with a policy, the forward is recomputed in
   the backward pass, keeping what the policy saves (config.step_remat_policy)."""
 
   def apply(params, x_t, t, cond):
+    if intermediates:
+      out, state = model.apply({"params": params}, x_t, t, cond, mutable=["intermediates"])
+      return out, state["intermediates"]
     return model.apply({"params": params}, x_t, t, cond)
 
   if remat_policy:
@@ -262,6 +266,7 @@ def make_update_fn(
   def update(state, batch, frozen=None):
     x0 = batch["latent"] if "latent" in batch else batch["image"]
     micro = dict(objectives.batch_cond(batch), x0=x0, keys=example_keys(state, x0.shape[0]))
+    micro.update({k: batch[k] for k in objectives.repa.BATCH_KEYS if k in batch})
     frozen = dict(frozen or {}, ema_params=state["ema_params"])
     loss_fn = lambda params, mb: loss(params, mb, frozen)
     (loss_value, aux), grads = _grads(loss_fn, state["params"], micro, config.grad_accum_steps)
@@ -397,7 +402,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   model = dit_model.build_model(config.model)
   tx, lr_schedule = make_optimizer(config)
   schedule = None if flow.is_flow(config) else schedules.from_config(config.diffusion)
-  apply = make_apply(model, config.get("step_remat_policy", ""))
+  apply = make_apply(model, config.get("step_remat_policy", ""), objectives.repa.enabled(config))
   objective = objectives.make_objective(config, apply, schedule)
   init_fn = functools.partial(init_state, config, model, tx, objective)
   saved_state = jax.eval_shape(init_fn, objective.frozen)  # The checkpoint layout.
@@ -527,6 +532,8 @@ def _summarise(window: list[dict], elapsed: float, config, flops_per_image: floa
     "skipped_steps": steps[-1]["skipped_steps"],
     "steps_per_sec": len(steps) / elapsed,
   }
+  for key in steps[0].keys() - row.keys():  # The objective's own metrics (e.g. repa_align).
+    row[key] = float(np.mean([s[key] for s in steps]))
   row["img_per_sec"] = row["steps_per_sec"] * config.batch_size
   if flops_per_image:
     # Model FLOPs (forward + backward, no rematerialisation) per device per second.
@@ -888,7 +895,7 @@ def _sample_and_evaluate(s: Setup, host: State, step, workdir, writer, best_mngr
 def _model_inputs(config, batch: dict) -> dict:
   """What the update step consumes (no caption strings), with the image sizes of models that
   are conditioned on them (the batch's size: one aspect-ratio bucket's, or the trained one)."""
-  keep = ("image", "latent", *objectives.base.COND_KEYS)
+  keep = ("image", "latent", *objectives.base.COND_KEYS, *objectives.repa.BATCH_KEYS)
   inputs = {k: v for k, v in batch.items() if k in keep}
   x = inputs["latent" if "latent" in inputs else "image"]
   sizes = generate.size_cond(config, len(x), size=np.shape(x)[1:3])

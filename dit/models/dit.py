@@ -144,6 +144,13 @@ class DiT(nn.Module):
       classifier-free guidance scale w, is embedded as a timestep of 1000 w and added to the
       timestep embedding. The embedder's output layer starts at zero, so a student made from
       a teacher's params computes exactly the teacher at initialisation.
+    repa_block, repa_hidden, repa_dim: REPA (Yu et al. 2024; dit/objectives/repa.py). With
+      repa_block = k > 0, the tokens after block k (1-based; the image tokens) go through a
+      projector MLP, Linear(D, repa_hidden) -> SiLU -> Linear(repa_hidden, repa_hidden) ->
+      SiLU -> Linear(repa_hidden, repa_dim), whose (B, N, repa_dim) float32 output is sown as
+      intermediates["repa"]: computed only when the caller asks (apply with
+      mutable=["intermediates"], the training step), so sampling skips it. repa_dim is the
+      encoder's feature width. 0 disables.
 
   Label / caption dropout is the caller's: rows with cond["drop"] use the null class and the
   null caption (the train loop draws them with config.model.class_dropout_prob).
@@ -176,6 +183,9 @@ class DiT(nn.Module):
   remat_policy: str = ""
   scan: bool = False
   guidance_embedding: bool = False
+  repa_block: int = 0
+  repa_hidden: int = 2048
+  repa_dim: int = 0
 
   @property
   def out_channels(self) -> int:
@@ -209,6 +219,18 @@ class DiT(nn.Module):
         f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
       )
     self._check_block_options()
+    if self.repa_block:
+      if not 1 <= self.repa_block <= self.depth:
+        raise ValueError(
+          f"repa_block={self.repa_block} is not a block of this model: expected 1..{self.depth} "
+          f"(depth={self.depth}; the hidden state after that block is aligned), or 0 for none"
+        )
+      for field in ("repa_hidden", "repa_dim"):
+        if getattr(self, field) < 1:
+          raise ValueError(
+            f"{field}={getattr(self, field)} must be >= 1 with repa_block={self.repa_block} "
+            f"(repa_dim: the encoder's feature width)"
+          )
 
   def _check_block_options(self):
     for field, valid in (("norm", NORMS), ("mlp", MLPS), ("pos_embed", POS_EMBEDS)):
@@ -288,7 +310,13 @@ class DiT(nn.Module):
     if self.pos_embed in ("rope", "both"):
       conditioning = conditioning._replace(rope=self.rope_cos_sin(gh, gw))
     entry = BLOCKS[self.block]
-    tokens = entry.stack(entry.block, self._block_settings(dtype), tokens, conditioning)
+    settings = self._block_settings(dtype)
+    if self.repa_block:
+      with repeat.capturing(self.repa_block) as captured:
+        tokens = entry.stack(entry.block, settings, tokens, conditioning)
+      self._repa(captured["tokens"][:, : gh * gw], dtype)  # in_context appends its tokens.
+    else:
+      tokens = entry.stack(entry.block, settings, tokens, conditioning)
 
     final = entry.final_layer(
       d, p * p * self.out_channels, dtype, norm=self.norm, name="final_layer"
@@ -296,6 +324,19 @@ class DiT(nn.Module):
     out = final(tokens, conditioning.vector)
     out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw, p=p, q=p)
     return out.astype(jnp.float32)
+
+  def _repa(self, hidden: jax.Array, dtype) -> None:
+    """Sows the REPA projection (B, N, repa_dim) of hidden (B, N, D), when it is asked for."""
+    initializing = self.is_initializing()
+    if not (initializing or self.is_mutable_collection("intermediates")):
+      return
+    z = hidden
+    for i, width in enumerate((self.repa_hidden, self.repa_hidden, self.repa_dim)):
+      if i:
+        z = nn.silu(z)
+      z = nn.Dense(width, kernel_init=xavier_uniform, dtype=dtype, name=f"repa_projector_{i}")(z)
+    if not initializing:  # init returns params only, as without REPA.
+      self.sow("intermediates", "repa", z.astype(jnp.float32))
 
   def rope_cos_sin(self, grid_h: int, grid_w: int) -> tuple[jax.Array, jax.Array]:
     """(cos, sin), each (grid_h * grid_w, head_dim) float32: 2D axial RoPE of a token grid.

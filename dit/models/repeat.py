@@ -14,6 +14,9 @@ model's stacks are; `stack_tree` / `unstack_tree` convert every params-like dict
 The tokens carried through a stack are one array (B, N, D) or a tuple of them (joint
 text/image streams: (image tokens, text tokens)); a block takes them as its first argument
 and returns the same structure.
+
+`capturing(k)` keeps the tokens after block k of the stack run inside it (REPA aligns that
+hidden state): the stack then runs as blocks 1..k and k+1..depth, scanned or not.
 """
 
 from __future__ import annotations
@@ -61,6 +64,37 @@ class Stack(NamedTuple):
 _FOUND: contextvars.ContextVar[list[Stack] | None] = contextvars.ContextVar(
   "dit_repeat_stacks", default=None
 )
+
+
+_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+  "dit_repeat_capture", default=None
+)
+
+
+@contextlib.contextmanager
+def capturing(after: int) -> Iterator[dict]:
+  """Inside, the first repeat_blocks call stores its tokens after block `after` (1-based, in
+  [1, depth]) as box["tokens"]; yields the box.
+
+  A context rather than another return value, so that every block type's stack function
+  keeps its signature (tokens in, tokens out).
+  """
+  box: dict = {"after": after}
+  token = _CAPTURE.set(box)
+  try:
+    yield box
+  finally:
+    _CAPTURE.reset(token)
+
+
+def _capture_index(depth: int) -> tuple[dict | None, int]:
+  """(box, k) of the innermost `capturing` not yet filled, else (None, 0)."""
+  box = _CAPTURE.get()
+  if box is None or "tokens" in box:
+    return None, 0
+  if not 1 <= box["after"] <= depth:
+    raise ValueError(f"cannot capture the tokens after block {box['after']}: depth is {depth}")
+  return box, box["after"]
 
 
 # ---- Layouts ------------------------------------------------------------------------------
@@ -200,12 +234,14 @@ def repeat_blocks(
   each block's params: in a lax.scan over the stacked params (scan; one block traced and
   compiled instead of depth), checkpointed with the named REMAT_POLICIES policy (remat).
   Outside init the params may also come stacked, as the caller's <prefix> entry (see the
-  module docstring); a scanned model then scans them as they are.
+  module docstring); a scanned model then scans them as they are. Inside `capturing(k)` the
+  tokens after block k are kept too (a scanned stack runs as two scans, 1..k and k+1..).
   """
   kwargs = {**settings.block_fields(), **fields}
   blocks = [block_cls(**kwargs, name=f"{prefix}_{i}") for i in range(settings.depth)]
   if not blocks:
     return tokens
+  box, capture = _capture_index(settings.depth)
   initializing = blocks[0].is_initializing()
   if initializing and (found := _FOUND.get()) is not None:
     found.append(Stack(tuple(blocks[0].parent.path), prefix, settings.depth))
@@ -213,8 +249,10 @@ def repeat_blocks(
   if not initializing:  # Unbound until read: an absent entry reads as no variables.
     stacked = block_cls(**kwargs, name=prefix).variables.get("params")
   if stacked is None and (initializing or not (settings.scan or settings.remat)):
-    for block in blocks:
+    for i, block in enumerate(blocks):
       tokens = block(tokens, *args)
+      if i + 1 == capture:
+        box["tokens"] = tokens
     return tokens
   apply = block_cls(**kwargs, parent=None).apply  # Unbound: a pure function of its params.
   fn = lambda params, x, *args: apply({"params": params}, x, *args)
@@ -229,12 +267,23 @@ def repeat_blocks(
   else:
     params = [block.variables["params"] for block in blocks]
   if settings.scan:
-    return scan_blocks(fn, params, tokens, args, remat=settings.remat, policy=policy)
+    run = lambda p, x: scan_blocks(fn, p, x, args, remat=settings.remat, policy=policy)
+    if not capture:
+      return run(params, tokens)
+    if stacked is not None:
+      first = jax.tree.map(lambda p: p[:capture], params)
+      rest = jax.tree.map(lambda p: p[capture:], params)
+    else:
+      first, rest = params[:capture], params[capture:]
+    box["tokens"] = tokens = run(first, tokens)
+    return run(rest, tokens) if capture < settings.depth else tokens
   if stacked is not None:
     params = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(settings.depth)]
   step = remat_in_order(fn, policy) if settings.remat else fn
-  for p in params:
+  for i, p in enumerate(params):
     tokens = step(p, tokens, *args)
+    if i + 1 == capture:
+      box["tokens"] = tokens
   return tokens
 
 
