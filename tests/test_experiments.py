@@ -16,7 +16,7 @@ from conftest import ROOT, TINY_OVERRIDES
 sys.path.insert(0, str(ROOT))
 
 from dit import cli  # noqa: E402
-from experiments import ablations, distill_digits, scaling, sweep  # noqa: E402
+from experiments import ablations, distill_digits, repa_digits, scaling, sweep  # noqa: E402
 
 DIGITS = str(ROOT / "configs/digits.py")
 # Tiny runs: 8x8 digits, patch 4 (4 tokens), a few steps, a few samples in 2 DDIM steps.
@@ -402,3 +402,36 @@ def test_distill_digits_report(tmp_path):
   grids = {arm: np.zeros((100, 8, 8, 1)) for arm in distill_digits.GRID_ARMS}
   distill_digits.write_figure(grids, str(tmp_path / "d.png"))
   assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_repa_digits_speedup_reads_the_plain_curve(tmp_path):
+  steps = [250, 500, 1000, 2000]
+  assert repa_digits.steps_to_reach(steps, [8.0, 4.0, 2.0, 1.0], 4.0) == 500
+  # Half way down from 4 to 2 in FD is half way from 500 to 1000 in log steps.
+  np.testing.assert_allclose(
+    repa_digits.steps_to_reach(steps, [8.0, 4.0, 2.0, 1.0], 3.0), np.sqrt(500 * 1000)
+  )
+  assert repa_digits.steps_to_reach(steps, [8.0, 4.0, 2.0, 1.0], 0.5) is None
+
+  def record(arm, seed, fd):
+    c = {"step": steps, "digits_fd": fd, "accuracy": [0.5] * 4, "repa_align": [None] * 4}
+    return {"arm": arm, "seed": seed, "status": "finished", "curve": c}
+
+  records = [
+    record("no REPA", 0, [8.0, 4.0, 2.0, 1.0]),
+    record("no REPA", 1, [8.0, 4.0, 2.0, 1.0]),
+    record("REPA", 0, [4.0, 2.0, 1.0, 0.6]),
+    record("REPA", 1, [4.0, 2.0, 1.0, 0.4]),
+  ]
+  summary = repa_digits.summarise(records)
+  # REPA at 250 steps (FD 4) is the plain run at 500: 2x; at 1000 (FD 1): the plain run's
+  # 2000, 2x; at 2000 (FD 0.5, the seed mean) better than the plain run ever got.
+  assert summary["speedup_fd"] == {"250": 2.0, "500": 2.0, "1000": 2.0, "2000": "> 1"}
+  assert summary["arms"]["REPA"]["digits_fd_max"][-1] == 0.6
+  records[2]["curve"]["digits_fd"] = [9.0, 9.0, 9.0, 9.0]
+  records[3]["curve"]["digits_fd"] = [9.0, 9.0, 9.0, 9.0]
+  assert set(repa_digits.summarise(records)["speedup_fd"].values()) == {"none"}
+  repa_digits.write({"common": {}, **summary}, str(tmp_path / "digits"))
+  table = (tmp_path / "digits.md").read_text()
+  assert "| 250 | 0.500 (0.500-0.500) | 0.500 (0.500-0.500) | 8.00 (8.00-8.00) |" in table
+  assert (tmp_path / "digits.png").exists()
