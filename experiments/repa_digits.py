@@ -10,9 +10,10 @@ same run with model.repa_block=0 (plain digits demo), each with seeds 0 and 1. E
 the EMA model is scored (conditional accuracy and digits FD on 1000 DDIM-50 samples, guidance
 4). Writes <out>.json, <out>.md (the table) and <out>.png; rerunning resumes (experiments/sweep.py).
 
-The speed-up at a step s is how many more steps the plain run needs to reach REPA's digits FD
-at s (seed means, interpolated in log steps between evaluations); "none" where REPA's FD is
-no better, "> 2000 / s" where the plain run never reaches it.
+The speed-up at a step s is how many times more steps the plain run needs to reach REPA's
+accuracy (or digits FD) at s (seed means, interpolated in log steps between evaluations);
+"none" where REPA is no better at s or the plain run had got there sooner, "> 2000 / s" where
+the plain run never gets there.
 """
 
 from __future__ import annotations
@@ -52,20 +53,38 @@ def curve(workdir: str) -> dict[str, list]:
   return out
 
 
-def steps_to_reach(steps, fd, target: float) -> float | None:
-  """The first step (log-linear between evaluations) where the FD curve reaches `target`."""
-  for i, value in enumerate(fd):
+def steps_to_reach(steps, values, target: float, higher: bool = False) -> float | None:
+  """The first step (log-linear between evaluations) where the curve reaches `target`
+  (<= target for FD; >= target with `higher`, for accuracy); None if it never does."""
+  sign = -1.0 if higher else 1.0
+  values, target = [sign * v for v in values], sign * target
+  for i, value in enumerate(values):
     if value <= target:
       if i == 0 or value == target:
         return float(steps[i])
-      s0, s1, f0 = steps[i - 1], steps[i], fd[i - 1]
-      frac = (f0 - target) / (f0 - value) if f0 != value else 1.0
+      s0, s1, v0 = steps[i - 1], steps[i], values[i - 1]
+      frac = (v0 - target) / (v0 - value)
       return float(np.exp(np.log(s0) + frac * (np.log(s1) - np.log(s0))))
   return None
 
 
+def speedup(plain: dict, aligned: dict, metric: str, step: int) -> float | str:
+  """How many times more steps the plain run needs to reach REPA's `metric` at `step`:
+  "none" where REPA is no better there or the plain run had got there sooner, "> x" where the
+  plain run never gets there."""
+  higher = metric == "accuracy"
+  target = aligned[metric][aligned["step"].index(step)]
+  at_step = plain[metric][plain["step"].index(step)]
+  if (target <= at_step) if higher else (target >= at_step):
+    return "none"
+  reached = steps_to_reach(plain["step"], plain[metric], target, higher=higher)
+  if reached is None:
+    return f"> {plain['step'][-1] / step:g}"
+  return round(reached / step, 2) if reached > step else "none"
+
+
 def summarise(records: list[dict]) -> dict:
-  """Seed means and spreads per arm at every evaluated step, and the speed-up at STEPS."""
+  """Seed means and spreads per arm at every evaluated step, and the speed-ups at STEPS."""
   arms = {}
   for name in ARMS:
     runs = [r for r in records if r["arm"] == name and r["status"] == "finished"]
@@ -78,20 +97,14 @@ def summarise(records: list[dict]) -> dict:
       arm[m] = values.mean(0).tolist()
       arm[m + "_min"], arm[m + "_max"] = values.min(0).tolist(), values.max(0).tolist()
     arms[name] = arm
-  speedup = {}
+  speedups = {m: {} for m in METRICS}
   if len(arms) == len(ARMS):
     plain, aligned = arms["no REPA"], arms["REPA"]
-    for s in STEPS:
-      if s not in aligned["step"]:
-        continue
-      target = aligned["digits_fd"][aligned["step"].index(s)]
-      plain_at_s = plain["digits_fd"][plain["step"].index(s)]
-      if target >= plain_at_s:
-        speedup[str(s)] = "none"
-        continue
-      reached = steps_to_reach(plain["step"], plain["digits_fd"], target)
-      speedup[str(s)] = round(reached / s, 2) if reached else f"> {plain['step'][-1] / s:g}"
-  return {"arms": arms, "speedup_fd": speedup}
+    for m in METRICS:
+      for s in STEPS:
+        if s in aligned["step"] and s in plain["step"]:
+          speedups[m][str(s)] = speedup(plain, aligned, m, s)
+  return {"arms": arms, "speedup": speedups}
 
 
 def run(encoder: str, root: str, out: str) -> dict:
@@ -123,8 +136,8 @@ def write(results: dict, out: str) -> None:
   arms = results["arms"]
   lines = [
     "| steps | accuracy, no REPA | accuracy, REPA | digits FD, no REPA | digits FD, REPA | "
-    "speed-up (FD) |",
-    "|---|---|---|---|---|---|",
+    "speed-up (accuracy) | speed-up (FD) |",
+    "|---|---|---|---|---|---|---|",
   ]
   for s in STEPS:
     cells = [str(s)]
@@ -137,7 +150,8 @@ def write(results: dict, out: str) -> None:
           cells.append(f"{fmt.format(arm[m][i])} ({fmt.format(lo)}-{fmt.format(hi)})")
         else:
           cells.append("-")
-    cells.append(str(results["speedup_fd"].get(str(s), "-")))
+    for m in METRICS:
+      cells.append(str(results["speedup"][m].get(str(s), "-")))
     lines.append("| " + " | ".join(cells) + " |")
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -154,8 +168,11 @@ def plot(results: dict, path: str) -> None:
       ax.fill_between(
         arm["step"], arm[m + "_min"], arm[m + "_max"], color=line.get_color(), alpha=0.2
       )
-  axes[0].set(xlabel="training steps", ylabel="digits FD ↓", xscale="log", yscale="log")
-  axes[1].set(xlabel="training steps", ylabel="cond. accuracy ↑", xscale="log")
+  labels = {"accuracy": "cond. accuracy ↑", "digits_fd": "digits FD ↓"}
+  for ax, m in zip(axes, METRICS, strict=True):
+    ax.set(xlabel="training steps", ylabel=labels[m], xscale="log")
+    ax.set_xticks(STEPS, [str(s) for s in STEPS])
+    ax.minorticks_off()
   axes[0].legend(fontsize=8)
   plots.save(fig, path)
 

@@ -16,7 +16,7 @@ from conftest import ROOT, TINY_OVERRIDES
 sys.path.insert(0, str(ROOT))
 
 from dit import cli  # noqa: E402
-from experiments import ablations, distill_digits, repa_digits, scaling, sweep  # noqa: E402
+from experiments import ablations, distill_digits, lr_transfer, repa_digits, scaling, sweep  # noqa: E402
 
 DIGITS = str(ROOT / "configs/digits.py")
 # Tiny runs: 8x8 digits, patch 4 (4 tokens), a few steps, a few samples in 2 DDIM steps.
@@ -412,26 +412,67 @@ def test_repa_digits_speedup_reads_the_plain_curve(tmp_path):
     repa_digits.steps_to_reach(steps, [8.0, 4.0, 2.0, 1.0], 3.0), np.sqrt(500 * 1000)
   )
   assert repa_digits.steps_to_reach(steps, [8.0, 4.0, 2.0, 1.0], 0.5) is None
+  acc = [0.1, 0.5, 0.9, 1.0]
+  np.testing.assert_allclose(
+    repa_digits.steps_to_reach(steps, acc, 0.7, higher=True), np.sqrt(500 * 1000)
+  )
 
-  def record(arm, seed, fd):
-    c = {"step": steps, "digits_fd": fd, "accuracy": [0.5] * 4, "repa_align": [None] * 4}
+  def record(arm, seed, fd, acc):
+    c = {"step": steps, "digits_fd": fd, "accuracy": acc, "repa_align": [None] * 4}
     return {"arm": arm, "seed": seed, "status": "finished", "curve": c}
 
   records = [
-    record("no REPA", 0, [8.0, 4.0, 2.0, 1.0]),
-    record("no REPA", 1, [8.0, 4.0, 2.0, 1.0]),
-    record("REPA", 0, [4.0, 2.0, 1.0, 0.6]),
-    record("REPA", 1, [4.0, 2.0, 1.0, 0.4]),
+    record("no REPA", 0, [8.0, 4.0, 2.0, 1.0], [0.1, 0.5, 0.9, 1.0]),
+    record("no REPA", 1, [8.0, 4.0, 2.0, 1.0], [0.1, 0.5, 0.9, 1.0]),
+    record("REPA", 0, [4.0, 2.0, 1.0, 0.6], [0.5, 0.9, 1.0, 1.0]),
+    record("REPA", 1, [4.0, 2.0, 1.0, 0.4], [0.5, 0.9, 1.0, 1.0]),
   ]
   summary = repa_digits.summarise(records)
   # REPA at 250 steps (FD 4) is the plain run at 500: 2x; at 1000 (FD 1): the plain run's
   # 2000, 2x; at 2000 (FD 0.5, the seed mean) better than the plain run ever got.
-  assert summary["speedup_fd"] == {"250": 2.0, "500": 2.0, "1000": 2.0, "2000": "> 1"}
+  assert summary["speedup"]["digits_fd"] == {"250": 2.0, "500": 2.0, "1000": 2.0, "2000": "> 1"}
+  # Accuracy: 2x at 250 and 500, the plain run reaches 1.0 at 2000 (2x), equal at 2000.
+  assert summary["speedup"]["accuracy"] == {"250": 2.0, "500": 2.0, "1000": 2.0, "2000": "none"}
   assert summary["arms"]["REPA"]["digits_fd_max"][-1] == 0.6
-  records[2]["curve"]["digits_fd"] = [9.0, 9.0, 9.0, 9.0]
-  records[3]["curve"]["digits_fd"] = [9.0, 9.0, 9.0, 9.0]
-  assert set(repa_digits.summarise(records)["speedup_fd"].values()) == {"none"}
+  # A plain run that had got there sooner (a non-monotone curve) is no speed-up.
+  records[0]["curve"]["digits_fd"] = records[1]["curve"]["digits_fd"] = [8.0, 0.9, 2.0, 1.0]
+  assert repa_digits.summarise(records)["speedup"]["digits_fd"]["1000"] == "none"
   repa_digits.write({"common": {}, **summary}, str(tmp_path / "digits"))
   table = (tmp_path / "digits.md").read_text()
-  assert "| 250 | 0.500 (0.500-0.500) | 0.500 (0.500-0.500) | 8.00 (8.00-8.00) |" in table
+  assert "| 250 | 0.100 (0.100-0.100) | 0.500 (0.500-0.500) | 8.00 (8.00-8.00) |" in table
   assert (tmp_path / "digits.png").exists()
+
+
+def test_lr_transfer_optimum_and_shift(tmp_path):
+  lrs = list(lr_transfer.LRS)
+  # A parabola in log2(lr) with its vertex between grid points is found by the refinement.
+  x = np.log2(lrs)
+  best = lr_transfer.optimum(lrs, (x - np.log2(3e-3)) ** 2)
+  np.testing.assert_allclose(best["lr"], 3e-3, rtol=1e-6)
+  assert best["lr_grid"] == 4e-3 and not best["edge"]
+  assert lr_transfer.optimum(lrs, -x)["edge"]  # Best at the largest lr: flagged.
+
+  def records(p, centres):
+    out = []
+    for (width, heads), c in zip(lr_transfer.WIDTHS, centres, strict=True):
+      for lr in lrs:
+        score = 0.1 + (np.log2(lr) - np.log2(c)) ** 2
+        overrides = {"parametrization": p, "model.hidden_size": width,
+                     "model.num_heads": heads, "optim.lr": lr}  # fmt: skip
+        out.append({"overrides": overrides, "status": "finished", "eps_mse": score,
+                    "final_loss": score, "workdir": ""})  # fmt: skip
+    return out
+
+  # SP's optimum halves with each doubling of width; muP's stays.
+  recs = records("sp", [4e-3, 2e-3, 1e-3]) + records("mup", [2e-3, 2e-3, 2e-3])
+  analysis = lr_transfer.analyse(recs)["eps_mse"]
+  np.testing.assert_allclose(analysis["sp"]["shift_log2"], -2.0, atol=1e-6)
+  np.testing.assert_allclose(analysis["mup"]["shift_log2"], 0.0, atol=1e-6)
+  assert len(lr_transfer.arms()) == 2 * 3 * 9
+  assert lr_transfer.arms()[0] == {"parametrization": "sp", "model.hidden_size": 64,
+                                   "model.num_heads": 2, "optim.lr": 2.5e-4}  # fmt: skip
+  results = {"common": {}, "records": recs, "analysis": lr_transfer.analyse(recs)}
+  lr_transfer.write(results, str(tmp_path / "lr"))
+  assert (
+    "| sp | eps_mse | 4.00e-03 | 2.00e-03 | 1.00e-03 | -2.00 |" in (tmp_path / "lr.md").read_text()
+  )

@@ -20,6 +20,7 @@ model's forward pass sows.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +126,12 @@ def alignment_loss(z: jax.Array, y: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(z * y, axis=-1), axis=-1)
 
 
-def make_objective(config: ml_collections.ConfigDict, apply, schedule, base) -> Objective:
+def make_objective(
+  config: ml_collections.ConfigDict,
+  apply: Callable,
+  schedule: Any,
+  base: Callable[..., Objective],
+) -> Objective:
   """`base(config, model_apply, schedule)` (the diffusion or flow objective) plus REPA.
 
   apply(params, x_t, t, cond) -> (output, intermediates): the model run with its
