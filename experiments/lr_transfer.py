@@ -18,7 +18,8 @@ Each run is scored by its eps-MSE (the DDPM loss of the EMA model on 512 trainin
 fixed t and noise: deterministic, so the curves are not training-batch noise) and by its
 final training loss. Per parametrization and width the optimum is the grid point with the
 lowest score, refined by a parabola through it and its two neighbours in log2(lr); the shift
-is log2(optimum at the widest / optimum at the narrowest), in factors of 2 (0 = transfers).
+is log2(optimum at the widest / optimum at the narrowest), in factors of 2 (0 = transfers),
+also per doubling of the width.
 Writes <out>.json, <out>.md and <out>.png.
 """
 
@@ -95,7 +96,10 @@ def analyse(records: list[dict]) -> dict:
       entry = {"optima": optima}
       if len(optima) >= 2:
         widths = sorted(optima, key=int)
-        entry["shift_log2"] = float(np.log2(optima[widths[-1]]["lr"] / optima[widths[0]]["lr"]))
+        shift = lambda a, b, o=optima: float(np.log2(o[b]["lr"] / o[a]["lr"]))
+        entry["shift_log2"] = shift(widths[0], widths[-1])
+        pairs = zip(widths, widths[1:], strict=False)
+        entry["steps_log2"] = {f"{a}->{b}": shift(a, b) for a, b in pairs}
       out[score][p] = entry
   return out
 
@@ -111,11 +115,14 @@ def run(root: str, out: str, train: bool = True) -> dict:
 def write(results: dict, out: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   sweep.write_json(out + ".json", results)
+  pairs = [f"{a}->{b}" for (a, _), (b, _) in zip(WIDTHS, WIDTHS[1:], strict=False)]
   lines = [
     "| parametrization | score | optimum lr at width "
     + " | ".join(str(w) for w, _ in WIDTHS)
-    + " | shift (log2, widest / narrowest) |",
-    "|---|---|" + "---|" * len(WIDTHS) + "---|",
+    + " | "
+    + " | ".join(f"shift {pair}" for pair in pairs)
+    + " | shift, widest / narrowest |",
+    "|---|---|" + "---|" * (len(WIDTHS) + len(pairs)) + "---|",
   ]
   for score in SCORES:
     for p in PARAMETRIZATIONS:
@@ -124,6 +131,9 @@ def write(results: dict, out: str) -> None:
       for w, _ in WIDTHS:
         o = entry["optima"].get(str(w))
         cells.append("-" if o is None else f"{o['lr']:.2e}" + (" (edge)" if o["edge"] else ""))
+      for pair in pairs:
+        step = entry.get("steps_log2", {}).get(pair)
+        cells.append("-" if step is None else f"{step:+.2f}")
       shift = entry.get("shift_log2")
       cells.append("-" if shift is None else f"{shift:+.2f}")
       lines.append("| " + " | ".join(cells) + " |")
@@ -145,10 +155,11 @@ def plot(results: dict, path: str) -> None:
     for o in results["analysis"]["eps_mse"][p]["optima"].values():
       ax.plot([o["lr_grid"]], [o["score"]], "*", color="k", ms=9, zorder=3)
     shift = results["analysis"]["eps_mse"][p].get("shift_log2")
-    title = {"sp": "standard parametrization", "mup": "muP (base width 128)"}[p]
+    title = {"sp": "SP", "mup": "muP (base width 128)"}[p]
     if shift is not None:
-      title += f": optimum shift {shift:+.2f} octaves"
-    ax.set(xscale="log", yscale="log", xlabel="learning rate", title=title)
+      title += f": optimum moves {shift:+.2f} octaves, 64 -> 256"
+    ax.set(xscale="log", yscale="log", xlabel="learning rate")
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
   axes[0].set_ylabel("eps-MSE (EMA model) ↓")
   plots.save(fig, path)

@@ -443,6 +443,8 @@ def plot_study(json_path: str, png_path: str) -> None:
     ax["eval"].set(xscale="log", yscale="log", xlabel="training compute (GFLOPs)", ylabel=metric)
     if ax["eval"].get_legend_handles_labels()[0]:
       ax["eval"].legend(fontsize=7)
+  for a in axes[0]:  # Log axes over less than a decade label their minor ticks, overlapping.
+    a.tick_params(which="minor", labelbottom=False, labelleft=False)
   plots.save(fig, png_path)
 
 

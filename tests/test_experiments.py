@@ -473,6 +473,6 @@ def test_lr_transfer_optimum_and_shift(tmp_path):
                                    "model.num_heads": 2, "optim.lr": 2.5e-4}  # fmt: skip
   results = {"common": {}, "records": recs, "analysis": lr_transfer.analyse(recs)}
   lr_transfer.write(results, str(tmp_path / "lr"))
-  assert (
-    "| sp | eps_mse | 4.00e-03 | 2.00e-03 | 1.00e-03 | -2.00 |" in (tmp_path / "lr.md").read_text()
-  )
+  assert analysis["sp"]["steps_log2"] == pytest.approx({"64->128": -1.0, "128->256": -1.0})
+  table = (tmp_path / "lr.md").read_text()
+  assert "| sp | eps_mse | 4.00e-03 | 2.00e-03 | 1.00e-03 | -1.00 | -1.00 | -2.00 |" in table
