@@ -5,8 +5,9 @@ The encoder sees the pixels, which latent training does not have in the step, so
 are precomputed with the latents (224 x 224 input: a 16 x 16 grid, the DiT's at 256 / 8 / 2):
 
   python -m dit.data.precompute --config=configs/imagenet256_dit.py --out=/data/in256 \
-      --config.data.name=folder --config.data.path=/data/imagenet/train --config.data.resolution=256 \
-      --vae=/models/sd-vae-ft-ema --repa_encoder=/models/dinov2-base --repa_resolution=224
+      --config.data.name=folder --config.data.path=/data/imagenet/train \
+      --config.data.resolution=256 --vae=/models/sd-vae-ft-ema \
+      --repa_encoder=/models/dinov2-base --repa_resolution=224
   python -m dit.train --config=configs/imagenet256_repa.py:XL/2 --workdir=runs/sit_xl_repa \
       --config.data.path=/data/in256
 

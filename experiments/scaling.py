@@ -214,8 +214,9 @@ def isoflop_curves(runs: Sequence[dict], value: str = "final_loss") -> list[dict
 
   Each curve: {"family", "budget_gflops", "labels", "params", "values", "parabola": [c2, c1,
   c0] of value = c2 ln(N)^2 + c1 ln(N) + c0 (3 or more sizes) or None, "opt_params",
-  "opt_value", "interior"}: with a parabola open upwards whose vertex lies inside the sizes
-  tried, the optimum is the vertex (interior=True); else it is the best run (False).
+  "opt_value", "interior"}: when the best run has a worse one on each side and the parabola
+  opens upwards with its vertex inside the sizes tried, the optimum is the vertex
+  (interior=True); else it is the best run (False).
   """
   groups: dict[tuple, list[dict]] = {}
   for r in _finished(runs, value):
@@ -241,7 +242,10 @@ def isoflop_curves(runs: Sequence[dict], value: str = "final_loss") -> list[dict
       c2, c1, c0 = np.polyfit(np.log(n), v, 2)
       curve["parabola"] = [float(c2), float(c1), float(c0)]
       vertex = -c1 / (2 * c2) if c2 > 0 else np.nan
-      if np.log(n[0]) <= vertex <= np.log(n[-1]):
+      # A vertex inside the sizes is not enough: a steep one-sided curve (the smallest model
+      # best, losses rising fast) puts it inside too. The best run must have a worse one on
+      # each side.
+      if 0 < best < len(n) - 1 and np.log(n[0]) <= vertex <= np.log(n[-1]):
         curve.update(
           opt_params=float(np.exp(vertex)),
           opt_value=float(np.polyval([c2, c1, c0], vertex)),
@@ -420,10 +424,14 @@ def plot_study(json_path: str, png_path: str) -> None:
       ax["isoflop"].plot(c["params"], c["values"], "o", color=f"C{i % 10}", label=label)
       if c["parabola"]:
         n = np.geomspace(min(c["params"]), max(c["params"]), 64)
-        ax["isoflop"].plot(n, np.polyval(c["parabola"], np.log(n)), "-", color=f"C{i % 10}", lw=1)
+        fit = np.polyval(c["parabola"], np.log(n))
+        shown = fit > 0.5 * min(c["values"])  # A one-sided curve's parabola dives below 0.
+        ax["isoflop"].plot(n, np.where(shown, fit, np.nan), "-", color=f"C{i % 10}", lw=1)
       marker = "*" if c["interior"] else "^"
       ax["isoflop"].plot([c["opt_params"]], [c["opt_value"]], marker, color="k", ms=9)
-    ax["isoflop"].set(xscale="log", xlabel="parameters", ylabel="final loss")
+    ax["isoflop"].set(xscale="log", yscale="log", xlabel="parameters", ylabel="final loss")
+    # The sizes span more than a decade: its minor-tick labels would overlap.
+    ax["isoflop"].tick_params(axis="x", which="minor", labelbottom=False)
     ax["isoflop"].set_title("isoFLOP curves (* optimum, ^ at the edge)", fontsize=9)
     ax["isoflop"].legend(fontsize=7)
     for i, (family, opt) in enumerate(results["optimal_size"].items()):
@@ -443,8 +451,6 @@ def plot_study(json_path: str, png_path: str) -> None:
     ax["eval"].set(xscale="log", yscale="log", xlabel="training compute (GFLOPs)", ylabel=metric)
     if ax["eval"].get_legend_handles_labels()[0]:
       ax["eval"].legend(fontsize=7)
-  for a in axes[0]:  # Log axes over less than a decade label their minor ticks, overlapping.
-    a.tick_params(which="minor", labelbottom=False, labelleft=False)
   plots.save(fig, png_path)
 
 

@@ -76,6 +76,7 @@ def test_timing_helpers_count_calls():
     common.time_median(lambda: None, windows=0, steps_per_window=1)
 
 
+@pytest.mark.slow  # Train-step compiles (about 16 s).
 def test_train_benchmark(tmp_path):
   out = tmp_path / "train.json"
   args = ["--batch=2", "--windows=2", "--steps_per_window=1", "--warmup=1", f"--out={out}"]
@@ -218,6 +219,7 @@ def test_memory_grid_compiles(tmp_path, quick_compiles):
   assert row["grad_temp_bytes"] > 0 and row["grad_temp_mib"] == row["grad_temp_bytes"] / 2**20
 
 
+@pytest.mark.slow  # Train-step compiles (about 10 s).
 def test_compile_benchmark_tiny(tmp_path, quick_compiles):
   out = tmp_path / "compile.json"
   r = compile_bench.main(["--tiny", "--depths=1", "--scans=on", "--large=off", f"--out={out}"])
@@ -243,6 +245,7 @@ def test_compile_benchmark_tiny_all_entries(tmp_path):
   assert set(r["unrolled_over_scan_total_s"]) == {"1", "2"}
 
 
+@pytest.mark.slow  # The whole tiny suite (about 17 s).
 def test_accelerator_suite_tiny(tmp_path, quick_compiles):
   """The whole suite on the CPU: train (one variant, 2 steps), sampler, PyTorch skipped."""
   out = tmp_path / "acc.json"

@@ -71,6 +71,7 @@ def assert_tree_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
+@pytest.mark.slow  # A subprocess train run (about 18 s).
 def test_sigterm_saves_before_exit(tmp_path, compilation_cache):
   """Preemption: SIGTERM mid-run saves the current step, exits 143, and that checkpoint
   is exactly the state an uninterrupted run has at that step."""

@@ -412,6 +412,7 @@ def test_repa_resume_and_mismatches(tmp_path, encoders):
   assert run_repa(out, a) == meta  # The same encoder resumes.
 
 
+@pytest.mark.slow  # Three subprocesses (about 11 s).
 def test_repa_command_line(tmp_path, encoders):
   config = tmp_path / "cfg.py"
   config.write_text(

@@ -180,6 +180,7 @@ def test_student_starts_as_the_teacher():
     distill.student_params(fresh, bad)
 
 
+@pytest.mark.slow  # About 14 s.
 def test_distillation_step_decreases_its_loss_on_a_fixed_batch():
   """The train loop's update step in distillation mode, on one fixed batch (same t, noise
   and w every step): the consistency loss falls well below its start."""

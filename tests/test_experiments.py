@@ -230,6 +230,19 @@ def test_isoflop_optimum_and_compute_optimal_exponent():
   assert (
     edge["optimal_size"]["p2"]["fit"] is None and len(edge["optimal_size"]["p2"]["at_edge"]) == 4
   )
+  # The smallest size best and the losses rising steeply (digits' smallest budget): the
+  # parabola's vertex falls inside the sizes, but the optimum is still at the edge.
+  steep = [
+    dict(label=str(i), family="p4", status="finished", budget_gflops=300.0, params=n,
+         train_gflops=300.0, final_loss=loss, eval={})
+    for i, (n, loss) in enumerate(
+      zip([1.8e5, 6.8e5, 2.0e6, 3.5e6], [0.033, 0.0475, 0.0926, 0.3944], strict=True)
+    )
+  ]  # fmt: skip
+  (curve,) = scaling.isoflop_curves(steep)
+  c2, c1, _ = curve["parabola"]
+  assert c2 > 0 and np.log(1.8e5) < -c1 / (2 * c2) < np.log(3.5e6)  # The vertex is inside.
+  assert not curve["interior"] and curve["opt_params"] == 1.8e5
 
 
 def test_scaled_presets():

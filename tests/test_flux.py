@@ -219,6 +219,7 @@ def test_bad_inputs():
     plain.apply({"params": _params(plain)}, x, t, cond)
 
 
+@pytest.mark.slow  # About 11 s.
 def test_null_caption_and_pooled_mean():
   """Dropped rows see the null caption (learned: y_embedding, its mean pooled; zeros: zeros);
   with pooled_channels=0 the pooled vector is the text's masked mean, the same function as a

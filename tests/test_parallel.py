@@ -151,6 +151,7 @@ def four(tmp_path_factory, reference, compilation_cache):
   return run_devices(FOUR, root, 4, compilation_cache)
 
 
+@pytest.mark.slow  # The four-device fixture trains in a subprocess (about 52 s).
 @pytest.mark.parametrize("name", ["pmap4", "fsdp4"])
 def test_four_devices_match_one_device(four, reference, name):
   ref_params, ref_dir = reference
@@ -158,6 +159,7 @@ def test_four_devices_match_one_device(four, reference, name):
   assert_logged_close(four[name], ref_dir)
 
 
+@pytest.mark.slow  # The four-device fixture trains in a subprocess (about 52 s).
 def test_pmap_and_mesh_paths_log_the_same_metrics(four):
   """pmap (pmean of gradients) and mesh (jit over the global batch, FSDP with 2 micro-
   batches): the same loss, gradient norm and learning rate at every step."""
@@ -165,6 +167,7 @@ def test_pmap_and_mesh_paths_log_the_same_metrics(four):
   assert len(set(logged(four["pmap4"], "grad_norm"))) == 4  # Not a constant that would agree.
 
 
+@pytest.mark.slow  # The four-device fixture trains in a subprocess (about 52 s).
 def test_rerun_on_same_devices_is_bit_identical(four):
   a, b = load_npz(four["fsdp4"]), load_npz(four["fsdp4_rerun"])
   for k in a:
@@ -172,6 +175,7 @@ def test_rerun_on_same_devices_is_bit_identical(four):
   assert losses(four["fsdp4"]) == losses(four["fsdp4_rerun"])
 
 
+@pytest.mark.slow  # The four-device fixture trains in a subprocess (about 52 s).
 def test_mesh_shards_state(four):
   with open(os.path.join(four["fsdp4"], "specs.json")) as f:
     specs = json.load(f)
@@ -183,11 +187,13 @@ def test_mesh_shards_state(four):
   assert specs["step"] == str(P())
 
 
+@pytest.mark.slow  # The four-device fixture trains in a subprocess (about 52 s).
 def test_checkpoint_restores_onto_more_devices(four, reference):
   """The one-device step-2 checkpoint, resumed on a 2x2 (data, fsdp) mesh."""
   assert_params_close(load_npz(four["resumed_fsdp4"]), reference[0])
 
 
+@pytest.mark.slow  # The four-device fixture trains in a subprocess (about 52 s).
 def test_checkpoint_restores_onto_fewer_devices(four, reference, tmp_path):
   """The 2x2-mesh step-2 checkpoint, resumed with pmap on this one device."""
   workdir = resumable_copy(four["fsdp4"], tmp_path / "run")

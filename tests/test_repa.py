@@ -192,6 +192,7 @@ def _run_devices(runs, devices):
   assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.slow  # Two subprocesses on 2 simulated devices (about 55 s).
 def test_two_devices_match_one_on_pmap_and_mesh(encoder_dir, tmp_path):
   base = dict(
     repa__encoder_path=encoder_dir, model__repa_dim=16, model__repa_hidden=32, model__depth=2

@@ -54,6 +54,7 @@ def clocked_setup(events):
   return setup
 
 
+@pytest.mark.slow  # A real train run (about 20 s).
 def test_steps_per_sec_is_the_wall_rate_of_the_window(tmp_path, monkeypatch):
   events = []
   monkeypatch.setattr(train, "setup", clocked_setup(events))

@@ -258,26 +258,33 @@ def precompute(
         _save_atomic(path(field, shard), np.concatenate(outs[field]))
     logging.info("precompute: wrote shard %d of %d (records %d..%d)", shard, num_shards, lo, hi)
   bar.close()
-  # From the shards on disk, so a resumed run (or one with nothing left to do) records them too.
+  meta = _shard_meta(out_dir, n, shard_size, num_shards, str(store), resolution, repa)
+  if process_index == 0:
+    with open(os.path.join(out_dir, META), "w") as f:
+      json.dump(meta, f, indent=2)
+  return meta
+
+
+def _shard_meta(out_dir, n, shard_size, num_shards, dtype, resolution, repa) -> dict:
+  """meta.json's content, its shapes read from the shards on disk, so that a resumed run
+  (or one with nothing left to do) records them too."""
   shapes = {}
   for field in FIELDS:
-    done = [s for s in range(num_shards) if os.path.exists(path(field, s))]
+    names = [os.path.join(out_dir, shard_name(field, s, num_shards)) for s in range(num_shards)]
+    done = [name for name in names if os.path.exists(name)]
     if done:
-      shapes[field] = list(np.load(path(field, done[0]), mmap_mode="r").shape[1:])
+      shapes[field] = list(np.load(done[0], mmap_mode="r").shape[1:])
   meta = {
     "num_records": n,
     "shard_size": shard_size,
     "num_shards": num_shards,
-    "dtype": str(store),
+    "dtype": dtype,
     "resolution": resolution,
     "fields": sorted(shapes) or None,
     "shapes": shapes,
   }
   if repa is not None:
     meta["repa"] = repa
-  if process_index == 0:
-    with open(os.path.join(out_dir, META), "w") as f:
-      json.dump(meta, f, indent=2)
   return meta
 
 
