@@ -393,6 +393,7 @@ def test_config_file_errors_are_one_line(tmp_path, command, error):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # A subprocess train run (about 18 s); test_train checks the NaN guard.
 def test_non_finite_steps_stop_with_one_line(tmp_path, cli_cache):
   """NaN inputs (a precomputed data set of NaN latents): every step is skipped, the run stops
   after config.max_bad_steps with exit 3, naming the last checkpoint, which is finite."""
