@@ -18,8 +18,7 @@ call REPA makes on (B, 8, 8, 1) images in [-1, 1], so REPA sees the features it 
 
 num_channels is 3: make_features repeats the grey digits to RGB before the ImageNet
 normalisation, as it does for a released DINOv2, so REPA treats this encoder like one (a
-1-channel encoder needs make_features' grey normalisation; when this was written,
-make_features rejected one).
+1-channel encoder also works: preprocess then normalises by the mean of the RGB statistics).
 
 Writes <out>/config.json, <out>/model.safetensors and <out>/train.json (config, steps, seed,
 losses, held-out accuracy of both heads, wall time) and prints a one-line summary. All

@@ -55,9 +55,9 @@ class RepaEncoder:
   """A frozen DINOv2's patch features (REPA's targets); `load_repa_encoder` builds it.
 
   Called on images (B, H, W, C) float in [-1, 1] (C = the encoder's num_channels, or 1 for an
-  RGB encoder: grey repeated), returns (B, Np, D) float32: `dinov2.make_features(config,
-  resolution=resolution or None, value_range=(-1, 1), antialias=False)(params, images)
-  ["patch"]`, jitted once.
+  RGB encoder: grey repeated), returns (B, Np, D) float32:
+  `dinov2.repa_features(config, resolution or None)`, jitted once (the train step's features
+  with repa.source="encoder").
   """
 
   path: str  # The Hugging Face DINOv2 directory, absolute.
@@ -108,10 +108,7 @@ def load_repa_encoder(path: str, resolution: int = 0) -> RepaEncoder:
   if resolution < 0:
     raise ValueError(f"REPA resolution must be >= 0 (0: the data resolution), got {resolution}")
   config, params = dinov2.load_dinov2(path)
-  feats = dinov2.make_features(
-    config, resolution=resolution or None, value_range=(-1.0, 1.0), antialias=False
-  )
-  patch = jax.jit(lambda params, images: feats(params, images)["patch"])
+  patch = jax.jit(dinov2.repa_features(config, resolution or None))
   return RepaEncoder(os.path.abspath(path), resolution, config, params, patch)
 
 

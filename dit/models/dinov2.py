@@ -529,6 +529,16 @@ def make_features(
   return features
 
 
+def repa_features(
+  config: Dinov2Config, resolution: int | None = None
+) -> Callable[[dict, jax.Array], jax.Array]:
+  """REPA's targets: features(params, images (B, H, W, C) in [-1, 1]) -> (B, Np, D) float32,
+  the final-layernorm patch tokens, the images resized to `resolution` (None: as they are)
+  without antialiasing, as REPA does. The train step and dit.data.precompute both use it."""
+  fn = make_features(config, resolution=resolution, value_range=(-1.0, 1.0), antialias=False)
+  return lambda params, images: fn(params, images)["patch"]
+
+
 # ----------------------------------------------------------------------------------------
 # Loading and saving Hugging Face checkpoints.
 

@@ -46,7 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if "repa" not in config:
     raise UserError(
       f"config.model.repa_block={config.model.repa_block} needs a config.repa section "
-      "(weight, encoder, encoder_path, resolution, source; see configs/digits.py)"
+      "(weight, encoder, encoder_path, resolution, source; see configs/digits_repa.py)"
     )
   r = config.repa
   if r.source not in SOURCES:
@@ -93,16 +93,12 @@ def load_encoder(config: ml_collections.ConfigDict) -> tuple[dinov2.Dinov2Config
 def encoder_features(
   enc_config: dinov2.Dinov2Config, resolution: int
 ) -> Callable[[dict, jax.Array], jax.Array]:
-  """features(params, images (B, H, W, C) in [-1, 1]) -> (B, Np, C_enc) float32 patch tokens,
-  the images resized to `resolution` (0: as they are) without antialiasing, as REPA does;
-  dit.data.precompute stores the same."""
+  """`dinov2.repa_features` at `resolution` (0: the images as they are), which
+  dit.data.precompute stores too; UserError for a resolution the encoder cannot take."""
   try:
-    fn = dinov2.make_features(
-      enc_config, resolution=resolution or None, value_range=(-1.0, 1.0), antialias=False
-    )
+    return dinov2.repa_features(enc_config, resolution or None)
   except ValueError as e:
     raise UserError(f"config.repa.resolution={resolution}: {e}") from e
-  return lambda params, images: fn(params, images)["patch"]
 
 
 def match_grid(features: jax.Array, grid: tuple[int, int]) -> jax.Array:
